@@ -1,0 +1,473 @@
+"""Calibrate, then let mergekit's own streaming writer emit the merged model.
+
+Order of work: validate everything that can be validated without loading a
+model (config keys, calibration files, tensor shapes from safetensors headers,
+an existing artifact); then the teacher pass; then coefficient training; then
+``mergekit.merge.run_merge`` with the artifact; then the report. Nothing is
+written to OUT before calibration has finished, and a failed run removes an OUT
+it created.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from mergekit.common import ModelReference
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+
+from .coefficients import ARTIFACT_DIR, ARTIFACT_NAME, CoefficientArtifact
+from .config import ExpertMergePlan, parse_plan
+from .data import CalibrationRecord, choose_records, load_records
+from .errors import ExpertMergingError
+from .methods import load_artifact_cached
+from .report import card_section, plot_coefficients, write_json
+from .student import Student, check_hidden_layers, select_weights
+from .teacher import has_tokenizer, load_causal_lm, run_teachers
+from .train import alignment_loss, search_init, train_coefficients
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class Checked:
+    """What preflight learned, so later stages need not re-read it."""
+
+    records: list[list[CalibrationRecord]]
+    n_blocks: int
+    hidden_layers: list[int]
+    artifact: CoefficientArtifact | None = None
+
+
+@dataclass
+class StageClock:
+    """Wall time and peak resident memory at the end of each stage."""
+
+    stages: dict = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        yield
+        entry = {
+            "wall_s": round(time.perf_counter() - start, 3),
+            "peak_rss_mib": round(peak_rss_bytes() / 2**20, 1),
+        }
+        if torch.cuda.is_available():
+            entry["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        self.stages[name] = entry
+
+
+def peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _text_config(config):
+    getter = getattr(config, "get_text_config", None)
+    return getter() if getter else config
+
+
+def _local_dir(reference: ModelReference) -> str | None:
+    path = reference.model.path
+    return path if os.path.isdir(path) else None
+
+
+def _header_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from safetensors headers; no tensor data is read."""
+    from mergekit.io import ShardedTensorIndex
+    from safetensors import safe_open
+
+    index = ShardedTensorIndex.from_disk(path)
+    shapes = {}
+    by_file: dict[str, list[str]] = {}
+    for name, shard in index.tensor_paths.items():
+        by_file.setdefault(shard, []).append(name)
+    for shard, names in by_file.items():
+        full = os.path.join(path, shard)
+        if not full.endswith(".safetensors"):
+            return {}
+        with safe_open(full, framework="pt") as handle:
+            for name in names:
+                shapes[name] = tuple(handle.get_slice(name).get_shape())
+    return shapes
+
+
+def preflight(
+    plan: ExpertMergePlan, options: MergeOptions, coefficients: str | None
+) -> Checked:
+    """Every check that needs no model weights; raises ExpertMergingError."""
+    trust = options.trust_remote_code
+    references = [plan.base] + [e.reference for e in plan.experts]
+    configs = {}
+    for reference in references:
+        if (
+            reference.lora is not None
+            and not os.path.isdir(reference.lora.path)
+            and os.path.exists(reference.lora.path)
+        ):
+            raise ExpertMergingError(
+                f"LoRA adapter {reference.lora.path!r} is not a directory"
+            )
+        try:
+            configs[reference] = _text_config(reference.config(trust_remote_code=trust))
+        except Exception as error:
+            raise ExpertMergingError(
+                f"cannot read the config of model {reference}: {error}"
+            ) from None
+    base_config = configs[plan.base]
+    vocab = getattr(base_config, "vocab_size", None)
+    for expert in plan.experts:
+        other = getattr(configs[expert.reference], "vocab_size", None)
+        if vocab is not None and other is not None and other != vocab:
+            raise ExpertMergingError(
+                f"expert {expert.name} has vocabulary size {other} but the base has "
+                f"{vocab}; expert merging needs experts fine-tuned from the same base"
+            )
+    base_dir = _local_dir(plan.base)
+    base_shapes = (
+        _header_shapes(base_dir) if base_dir and plan.base.lora is None else {}
+    )
+    for expert in plan.experts:
+        expert_dir = _local_dir(expert.reference)
+        if not base_shapes or expert.reference.lora is not None or expert_dir is None:
+            continue
+        for name, shape in _header_shapes(expert_dir).items():
+            if name not in base_shapes:
+                raise ExpertMergingError(
+                    f"expert {expert.name} has tensor {name} that the base model lacks; "
+                    "experts must share the base's architecture"
+                )
+            if base_shapes[name] != shape:
+                raise ExpertMergingError(
+                    f"tensor {name} has shape {list(shape)} in expert {expert.name} but "
+                    f"{list(base_shapes[name])} in the base; experts must share the "
+                    "base's architecture"
+                )
+    n_blocks = int(getattr(base_config, "num_hidden_layers", 0) or 0)
+    settings = plan.calibration
+    hidden_layers = settings.hidden_layers
+    if hidden_layers is None:
+        hidden_layers = [n_blocks // 2]
+    check_hidden_layers(hidden_layers, n_blocks)
+    artifact = None
+    path = coefficients or plan.coefficients
+    records: list[list[CalibrationRecord]] = []
+    if path is not None:
+        try:
+            artifact = load_artifact_cached(path)
+        except (OSError, ValueError) as error:
+            raise ExpertMergingError(str(error)) from None
+        names = [e.name for e in plan.experts]
+        if list(artifact.experts) != names:
+            raise ExpertMergingError(
+                f"coefficients artifact {path} was calibrated for experts "
+                f"{list(artifact.experts)}, but the config lists {names}"
+            )
+        if base_shapes:
+            for name in artifact.coefficients:
+                if name not in base_shapes:
+                    raise ExpertMergingError(
+                        f"coefficients artifact {path} has weight {name}, which the "
+                        f"base model {plan.base} lacks"
+                    )
+    else:
+        for k, expert in enumerate(plan.experts):
+            found = load_records(expert.calibration)
+            records.append(
+                choose_records(
+                    found,
+                    settings.samples_per_expert,
+                    settings.seed + k,
+                    allow_fewer=settings.allow_fewer_samples,
+                    source=f"calibration file {expert.calibration!r} of {expert.name}",
+                )
+            )
+    return Checked(
+        records=records,
+        n_blocks=n_blocks,
+        hidden_layers=hidden_layers,
+        artifact=artifact,
+    )
+
+
+def _tokenizer_candidates(
+    local: str, reference: ModelReference, base: str
+) -> list[str]:
+    paths = [local, reference.model.path, base]
+    return [p for p in paths if os.path.isdir(p) and has_tokenizer(p)]
+
+
+def load_task_vectors(
+    names: Sequence[str], base_model: torch.nn.Module, expert_dirs: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """tau_k = expert_k - base for each weight, stacked as [K, numel] float32."""
+    from mergekit.io import LazyTensorLoader, ShardedTensorIndex
+
+    params = dict(base_model.named_parameters())
+    loaders = [LazyTensorLoader(ShardedTensorIndex.from_disk(d)) for d in expert_dirs]
+    result = {}
+    for name in names:
+        base = params[name].detach().reshape(-1).to(torch.float32)
+        rows = []
+        for directory, loader in zip(expert_dirs, loaders):
+            if name not in loader.index.tensor_paths:
+                raise ExpertMergingError(f"expert {directory} has no tensor {name}")
+            tensor = loader.get_tensor(name, device=str(base.device)).to(torch.float32)
+            if tensor.numel() != base.numel():
+                raise ExpertMergingError(
+                    f"tensor {name} has {tensor.numel()} elements in {directory} but "
+                    f"{base.numel()} in the base"
+                )
+            rows.append(tensor.reshape(-1) - base)
+        result[name] = torch.stack(rows)
+    for loader in loaders:
+        loader.flush()
+    return result
+
+
+def calibrate(
+    plan: ExpertMergePlan,
+    checked: Checked,
+    options: MergeOptions,
+    lora_cache: str,
+) -> tuple[CoefficientArtifact, dict]:
+    """Teacher pass, initial-alpha search and coefficient training."""
+    settings = plan.calibration
+    device = options.device or "cpu"
+    quiet = options.quiet
+    torch.manual_seed(settings.seed)
+    clock = StageClock()
+    trust = options.trust_remote_code
+    merged_refs = [
+        e.reference.merged(
+            cache_dir=lora_cache,
+            trust_remote_code=trust,
+            lora_merge_dtype=options.lora_merge_dtype,
+        )
+        for e in plan.experts
+    ]
+    base_dir = plan.base.merged(
+        cache_dir=lora_cache, trust_remote_code=trust
+    ).local_path(cache_dir=options.transformers_cache)
+    expert_dirs = [
+        r.local_path(cache_dir=options.transformers_cache) for r in merged_refs
+    ]
+    with clock.stage("teacher"):
+        cache = run_teachers(
+            expert_dirs,
+            [
+                _tokenizer_candidates(d, e.reference, base_dir)
+                for d, e in zip(expert_dirs, plan.experts)
+            ],
+            checked.records,
+            hidden_layers=checked.hidden_layers if settings.hidden_weight > 0 else [],
+            max_length=settings.max_length,
+            max_new_tokens=settings.max_new_tokens,
+            device=device,
+            trust_remote_code=trust,
+            quiet=quiet,
+        )
+    task_weights = [e.task_weight for e in plan.experts]
+    hidden_layers = checked.hidden_layers if settings.hidden_weight > 0 else []
+    with clock.stage("student_setup"):
+        model = load_causal_lm(base_dir, device, trust)
+        names = select_weights(
+            [n for n, _ in model.named_parameters()], settings.exclude
+        )
+        if not names:
+            raise ExpertMergingError(
+                "calibration.exclude excludes every weight of the model; nothing to calibrate"
+            )
+        task_vectors = load_task_vectors(names, model, expert_dirs)
+        init_values = plan.init_values()
+        student = Student(
+            model,
+            task_vectors,
+            init_values or [settings.init_grid[0]] * len(plan.experts),
+            activation=settings.activation,
+        )
+    curve = []
+    if init_values is None:
+        with clock.stage("init_search"):
+            best, curve = search_init(
+                student, cache, settings, hidden_layers, task_weights, quiet
+            )
+        init_values = [best] * len(plan.experts)
+        student.reset(init_values)
+        LOG.info("init: auto chose alpha=%s", best)
+    init_values = list(student.init)
+    student.load()
+    initial_loss, _ = alignment_loss(
+        student, cache, settings, hidden_layers, task_weights
+    )
+    with clock.stage("stage1"):
+        history = train_coefficients(
+            student,
+            cache,
+            settings,
+            hidden_layers,
+            task_weights,
+            desc="Stage 1",
+            quiet=quiet,
+        )
+    final_loss, final_expert = alignment_loss(
+        student, cache, settings, hidden_layers, task_weights
+    )
+    alphas = {name: a.detach().cpu() for name, a in student.alphas().items()}
+    artifact = CoefficientArtifact(
+        coefficients=alphas,
+        method=plan.method,
+        base=str(plan.base),
+        experts=[e.name for e in plan.experts],
+        init=init_values,
+    )
+    report = {
+        "format": "mergekit-expert-report/1",
+        "method": plan.method,
+        "base": str(plan.base),
+        "experts": [e.name for e in plan.experts],
+        "task_weights": task_weights,
+        "init": init_values,
+        "init_curve": curve,
+        "samples_per_expert": [len(r) for r in checked.records],
+        "hidden_layers": hidden_layers,
+        "calibration": settings.model_dump(),
+        "device": device,
+        "loss": {"task_arithmetic_init": initial_loss, "stage1": final_loss},
+        "expert_loss_final": final_expert,
+        "stage1": {
+            "epoch_loss": history.epoch_loss,
+            "epoch_expert_loss": history.epoch_expert_loss,
+            "optimizer_steps": history.steps,
+            "stopped_early": history.stopped_early,
+        },
+        "pseudo_labels": cache.pseudo_labels,
+        "truncated_samples": sum(s.truncated for s in cache.samples),
+        "mean_alpha": [
+            float(torch.cat([a[k] for a in alphas.values()]).mean())
+            for k in range(len(plan.experts))
+        ],
+        "coefficients": {name: a.tolist() for name, a in alphas.items()},
+        "stages": clock.stages,
+        "versions": _versions(),
+    }
+    del student, model, task_vectors, cache
+    return artifact, report
+
+
+def _versions() -> dict:
+    import mergekit
+    import transformers
+
+    from . import __version__
+
+    return {
+        "mergekit_expert": __version__,
+        "mergekit": getattr(mergekit, "__version__", _dist_version("mergekit")),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def _dist_version(name: str) -> str:
+    from importlib.metadata import version
+
+    return version(name)
+
+
+def run_expert_merge(
+    document: dict,
+    out_path: str,
+    options: MergeOptions,
+    *,
+    config_source: str | None = None,
+    coefficients: str | None = None,
+) -> None:
+    """The whole job: validate, calibrate (unless given coefficients), merge, report."""
+    plan = parse_plan(document)
+    checked = preflight(plan, options, coefficients)
+    existed = os.path.exists(out_path)
+    with tempfile.TemporaryDirectory(prefix="mergekit-expert-") as work:
+        lora_cache = options.lora_merge_cache or os.path.join(work, "lora")
+        merge_options = options.model_copy(update={"lora_merge_cache": lora_cache})
+        try:
+            report = None
+            if checked.artifact is not None:
+                artifact_file = coefficients or plan.coefficients
+                artifact = checked.artifact
+            else:
+                artifact, report = calibrate(plan, checked, merge_options, lora_cache)
+                artifact_file = os.path.join(work, ARTIFACT_NAME)
+                artifact.save(artifact_file)
+            merge_config = copy.deepcopy(plan.merge_config)
+            merge_config.parameters = {"coefficients": os.path.abspath(artifact_file)}
+            clock = StageClock()
+            with clock.stage("write"):
+                run_merge(
+                    merge_config,
+                    out_path,
+                    options=merge_options,
+                    config_source=config_source,
+                )
+            _finish(out_path, artifact, artifact_file, report, clock, options)
+        except BaseException:
+            if not existed and os.path.isdir(out_path):
+                shutil.rmtree(out_path, ignore_errors=True)
+            raise
+
+
+def _finish(out_path, artifact, artifact_file, report, clock, options) -> None:
+    """Artifact, report, heatmap and model-card section into OUT/expert_merging."""
+    folder = os.path.join(out_path, ARTIFACT_DIR)
+    os.makedirs(folder, exist_ok=True)
+    target = os.path.join(folder, ARTIFACT_NAME)
+    if os.path.abspath(artifact_file) != os.path.abspath(target):
+        shutil.copyfile(artifact_file, target)
+    if report is None:
+        report = {
+            "format": "mergekit-expert-report/1",
+            "method": artifact.method,
+            "base": artifact.base,
+            "experts": list(artifact.experts),
+            "init": list(artifact.init),
+            "coefficients_from": os.path.abspath(artifact_file),
+            "samples_per_expert": ["-"] * len(artifact.experts),
+            "mean_alpha": [
+                float(torch.cat([a[k] for a in artifact.coefficients.values()]).mean())
+                for k in range(len(artifact.experts))
+            ],
+            "coefficients": {n: a.tolist() for n, a in artifact.coefficients.items()},
+            "stages": {},
+        }
+    report["stages"].update(clock.stages)
+    pretty = (
+        "Expert Merging++"
+        if artifact.method == "expert_merging_pp"
+        else "Expert Merging"
+    )
+    report["method_pretty_name"] = pretty
+    write_json(os.path.join(folder, "report.json"), report)
+    plot_coefficients(
+        os.path.join(folder, "coefficients.png"),
+        artifact.coefficients,
+        artifact.experts,
+        f"{pretty}: learned coefficients",
+    )
+    card = os.path.join(out_path, "README.md")
+    if options.write_model_card and os.path.exists(card):
+        with open(card, "a", encoding="utf-8") as handle:
+            handle.write(card_section(report))

@@ -1,0 +1,170 @@
+"""The student: one model holding the merged weights, trained through its coefficients.
+
+dL/dalpha[k, s] = sum over chunk s of (dL/dtheta_merged * tau_k), so a plain
+backward through the model, followed by a projection of each weight gradient
+onto the task vectors, gives the exact coefficient gradients. The task vectors
+never enter the autograd graph: memory stays at one model plus activations.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from .coefficients import chunk_count, expand_chunks, reduce_chunks
+from .errors import ExpertMergingError
+
+EPSILON = 1e-4
+
+
+def activation_fns(name: str) -> tuple[Callable, Callable]:
+    """(activation, its inverse): alpha = f(w), w = f^-1(alpha)."""
+    if name == "sigmoid":
+
+        def inverse(alpha: float) -> float:
+            alpha = min(max(alpha, EPSILON), 1 - EPSILON)
+            return math.log(alpha / (1 - alpha))
+
+        return torch.sigmoid, inverse
+    if name == "identity":
+        return (lambda w: w), (lambda alpha: alpha)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def select_weights(names: Sequence[str], exclude: Sequence[str]) -> list[str]:
+    """The mergeable weights: every name not matched by an exclusion regex."""
+    patterns = [re.compile(p) for p in exclude]
+    return [n for n in names if not any(p.search(n) for p in patterns)]
+
+
+class Student:
+    """Merged-weight model plus trainable per-(expert, chunk) coefficients."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        task_vectors: Mapping[str, torch.Tensor],
+        init: Sequence[float],
+        activation: str = "sigmoid",
+        chunks: Mapping[str, int] | None = None,
+        start: Mapping[str, torch.Tensor] | None = None,
+    ):
+        """``task_vectors[name]`` is [K, numel]; ``start`` optional initial alphas [K, m]."""
+        self.model = model
+        self.activation, self.inverse = activation_fns(activation)
+        params = dict(model.named_parameters())
+        for parameter in params.values():
+            parameter.requires_grad_(False)
+        self.weights = {name: params[name] for name in task_vectors}
+        self.base = {
+            name: weight.detach().reshape(-1).clone()
+            for name, weight in self.weights.items()
+        }
+        self.task_vectors = dict(task_vectors)
+        self.raw: dict[str, torch.nn.Parameter] = {}
+        self.reset(init, chunks, start)
+        for weight in self.weights.values():
+            weight.requires_grad_(True)
+
+    def reset(
+        self,
+        init: Sequence[float],
+        chunks: Mapping[str, int] | None = None,
+        start: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """(Re)create the raw coefficients: alpha = init_k everywhere, or ``start``.
+
+        ``chunks`` asks for m chunks per weight (torch.chunk decides the real
+        count); ``start`` gives initial alphas [K, m] or [K, 1] to broadcast.
+        """
+        # The regularizer's target is the float32 alpha the raw init really gives,
+        # so |alpha - init| starts at exactly 0 (Adam would amplify rounding noise).
+        self.init = [
+            float(self.activation(torch.tensor(self.inverse(float(a))))) for a in init
+        ]
+        for name, tau in self.task_vectors.items():
+            m = chunk_count(tau.shape[1], (chunks or {}).get(name, 1))
+            if start is not None and name in start:
+                alpha = start[name].detach().to(torch.float32).cpu()
+                if alpha.shape[1] == 1 and m > 1:
+                    alpha = alpha.expand(-1, m)
+                values = alpha.clone().apply_(self.inverse)
+            else:
+                values = torch.tensor([[self.inverse(a)] * m for a in self.init])
+            self.raw[name] = torch.nn.Parameter(
+                values.to(device=tau.device, dtype=torch.float32)
+            )
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.raw.values())
+
+    def alphas(self) -> dict[str, torch.Tensor]:
+        """Current coefficients after the activation, [K, m] each, in the graph of w."""
+        return {name: self.activation(w) for name, w in self.raw.items()}
+
+    @torch.no_grad()
+    def load(self, alphas: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Write base + sum_k sum_s alpha[k, s] * tau_k[chunk s] into the model."""
+        alphas = self.alphas() if alphas is None else alphas
+        for name, weight in self.weights.items():
+            merged = self.base[name].clone()
+            tau = self.task_vectors[name]
+            coefficient = alphas[name].to(merged)
+            for k in range(tau.shape[0]):
+                merged.addcmul_(tau[k], expand_chunks(coefficient[k], merged.numel()))
+            weight.copy_(merged.view_as(weight))
+
+    @torch.no_grad()
+    def set_uniform(self, value: float) -> None:
+        """Load plain task arithmetic with every coefficient equal to ``value``."""
+        self.load({name: torch.full_like(w, value) for name, w in self.raw.items()})
+
+    def zero_grad(self) -> None:
+        for weight in self.weights.values():
+            weight.grad = None
+        for w in self.raw.values():
+            w.grad = None
+
+    @torch.no_grad()
+    def projected_grads(self) -> dict[str, torch.Tensor]:
+        """dL/dalpha [K, m] from the accumulated weight gradients."""
+        result = {}
+        for name, weight in self.weights.items():
+            m = self.raw[name].shape[1]
+            grad = weight.grad
+            if grad is None:
+                result[name] = torch.zeros_like(self.raw[name])
+                continue
+            product = self.task_vectors[name] * grad.reshape(1, -1).to(torch.float32)
+            result[name] = reduce_chunks(product, m)
+        return result
+
+    def forward(
+        self, input_ids: torch.Tensor, hidden_layers: Sequence[int]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits [T, V] and the selected hidden states [T, D] of one sequence."""
+        output = self.model(
+            input_ids=input_ids[None].to(self.device),
+            output_hidden_states=bool(hidden_layers),
+            use_cache=False,
+        )
+        hidden = (
+            [output.hidden_states[i][0] for i in hidden_layers] if hidden_layers else []
+        )
+        return output.logits[0], hidden
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def check_hidden_layers(layers: Sequence[int], n_blocks: int) -> None:
+    for layer in layers:
+        if not 0 <= layer <= n_blocks:
+            raise ExpertMergingError(
+                f"calibration.hidden_layers contains {layer}, but the model has "
+                f"{n_blocks} blocks: valid hidden-state indices are 0..{n_blocks}"
+            )

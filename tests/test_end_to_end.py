@@ -1,0 +1,171 @@
+"""Through the real CLI on tiny models saved to disk, merged by mergekit's writer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import expert_config
+from mergekit_expert.cli import main
+
+BIN = os.path.dirname(sys.executable)
+
+
+def run_cli(*args) -> None:
+    result = CliRunner().invoke(main, [*args, "--quiet"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+
+def write_yaml(path, document) -> str:
+    with open(path, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(document, handle)
+    return str(path)
+
+
+def model_tensors(directory: str) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for name in os.listdir(directory):
+        if name.endswith(".safetensors") and name != "coefficients.safetensors":
+            tensors.update(load_file(os.path.join(directory, name)))
+    return tensors
+
+
+def lora_delta(adapter_dir: str) -> dict[str, torch.Tensor]:
+    """scale * B @ A per targeted weight, computed by hand from the adapter files."""
+    config = json.load(open(os.path.join(adapter_dir, "adapter_config.json")))
+    scale = config["lora_alpha"] / config["r"]
+    weights = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    deltas = {}
+    for key, a in weights.items():
+        if ".lora_A." in key:
+            b = weights[key.replace(".lora_A.", ".lora_B.")]
+            name = key.replace("base_model.model.", "").replace(".lora_A", "")
+            deltas[name] = scale * (b @ a)
+    return deltas
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    config = write_yaml(root / "merge.yml", expert_config(tiny))
+    out = str(root / "out")
+    run_cli(config, out)
+    return config, out
+
+
+def test_output_equals_task_arithmetic_from_artifact(tiny, calibrated):
+    _config, out = calibrated
+    artifact_path = os.path.join(out, "expert_merging", "coefficients.safetensors")
+    with safe_open(artifact_path, framework="pt") as handle:
+        metadata = handle.metadata()
+        coefficients = {n: handle.get_tensor(n) for n in handle.keys()}
+    assert metadata["format"] == "mergekit-expert/1"
+    assert metadata["method"] == "expert_merging"
+    assert metadata["base"] == tiny.base
+    experts = json.loads(metadata["experts"])
+    assert experts == [tiny.experts[0], tiny.experts[1], tiny.lora]
+    init = json.loads(metadata["init"])
+    assert len(init) == 3 and all(abs(v - 0.3) < 1e-6 for v in init)
+
+    base = model_tensors(tiny.base)
+    expert_tensors = [model_tensors(tiny.experts[0]), model_tensors(tiny.experts[1])]
+    adapter = lora_delta(tiny.lora.split("+")[1])
+    assert adapter, "the LoRA adapter must target some weights"
+    lora_expert = {n: t + adapter[n] if n in adapter else t for n, t in base.items()}
+    expert_tensors.append(lora_expert)
+    merged = model_tensors(out)
+    assert set(merged) == set(base)
+    # Only the block projections are calibrated; norms and embeddings stay base.
+    assert set(coefficients) == {n for n in base if n.endswith("proj.weight")}
+    for name, tensor in merged.items():
+        expected = base[name].double().clone()
+        if name in coefficients:
+            matrix = coefficients[name]
+            assert matrix.shape == (3, 1) and matrix.dtype == torch.float32
+            for k, expert in enumerate(expert_tensors):
+                expected += float(matrix[k, 0]) * (expert[name].double() - base[name].double())
+        torch.testing.assert_close(tensor.double(), expected, rtol=1e-5, atol=1e-6)
+    # Training moved the coefficients away from the init.
+    assert any((m - 0.3).abs().max() > 1e-3 for m in coefficients.values())
+
+
+def test_report_png_and_model_card(tiny, calibrated):
+    _config, out = calibrated
+    report = json.load(open(os.path.join(out, "expert_merging", "report.json")))
+    assert report["experts"] == [tiny.experts[0], tiny.experts[1], tiny.lora]
+    assert report["task_weights"] == [1.0, 1.2, 1.0]
+    assert report["samples_per_expert"] == [3, 3, 3]
+    assert len(report["stage1"]["epoch_loss"]) == 2
+    assert {"teacher", "stage1", "write"} <= set(report["stages"])
+    assert all(s["wall_s"] >= 0 and s["peak_rss_mib"] > 0 for s in report["stages"].values())
+    # Prompt-only records got pseudo-labels from their own expert.
+    assert sorted(p["expert"] for p in report["pseudo_labels"]) == [1, 1, 2]
+    with open(os.path.join(out, "expert_merging", "coefficients.png"), "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
+    assert "## Expert Merging (mergekit-expert)" in card
+    artifact = load_file(os.path.join(out, "expert_merging", "coefficients.safetensors"))
+    mean_first = float(torch.cat([m[0] for m in artifact.values()]).mean())
+    assert abs(report["mean_alpha"][0] - mean_first) < 1e-6
+
+
+def test_merge_from_artifact_without_calibration(tiny, calibrated, tmp_path):
+    config, out = calibrated
+    artifact = os.path.join(out, "expert_merging", "coefficients.safetensors")
+    again = str(tmp_path / "again")
+    run_cli(config, again, "--coefficients", artifact)
+    first, second = model_tensors(out), model_tensors(again)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    report = json.load(open(os.path.join(again, "expert_merging", "report.json")))
+    assert "teacher" not in report["stages"], "no calibration may run"
+
+    # Plain mergekit run_merge, with the artifact named in the YAML.
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    document = expert_config(tiny)
+    document.pop("calibration")
+    document["parameters"] = {"coefficients": artifact}
+    plain = str(tmp_path / "plain")
+    run_merge(
+        MergeConfiguration.model_validate(document),
+        plain,
+        MergeOptions(lora_merge_cache=str(tmp_path / "lora"), quiet=True),
+    )
+    third = model_tensors(plain)
+    for name in first:
+        assert torch.equal(first[name], third[name]), name
+
+
+def test_other_methods_behave_like_mergekit_yaml(tiny, tmp_path):
+    document = {
+        "merge_method": "ties",
+        "base_model": tiny.base,
+        "models": [
+            {"model": tiny.experts[0], "parameters": {"weight": 0.6, "density": 0.5}},
+            {"model": tiny.experts[1], "parameters": {"weight": 0.4, "density": 0.5}},
+        ],
+        "dtype": "float32",
+    }
+    config = write_yaml(tmp_path / "ties.yml", document)
+    for tool, out in (("mergekit-yaml", "a"), ("mergekit-expert", "b")):
+        subprocess.run(
+            [os.path.join(BIN, tool), config, str(tmp_path / out), "--quiet"],
+            check=True,
+            capture_output=True,
+        )
+    a, b = model_tensors(str(tmp_path / "a")), model_tensors(str(tmp_path / "b"))
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert not os.path.exists(tmp_path / "b" / "expert_merging")
