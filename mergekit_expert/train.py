@@ -152,7 +152,9 @@ def train_coefficients(
                 loss = sample_loss(student, cache, index, config, hidden_layers)
                 # K/|batch| turns the sample mean into sum_k beta_k * mean_k.
                 (task_weights[expert] * loss * experts / len(batch)).backward()
-                data_loss += task_weights[expert] * float(loss.detach()) * experts / len(batch)
+                data_loss += (
+                    task_weights[expert] * float(loss.detach()) * experts / len(batch)
+                )
                 expert_sums[expert] += float(loss.detach())
                 expert_counts[expert] += 1
             grads = student.projected_grads()

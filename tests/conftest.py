@@ -106,7 +106,9 @@ def tiny(tmp_path_factory) -> TinySetup:
     base = LlamaForCausalLM(tiny_config(len(tokenizer))).eval()
     base_dir = save_model(base, tokenizer, os.path.join(root, "base"))
     experts = [
-        save_model(perturbed(base, seed), tokenizer, os.path.join(root, f"expert{seed}"))
+        save_model(
+            perturbed(base, seed), tokenizer, os.path.join(root, f"expert{seed}")
+        )
         for seed in (1, 2)
     ]
     lora_dir = os.path.join(root, "adapter")
@@ -114,13 +116,22 @@ def tiny(tmp_path_factory) -> TinySetup:
 
     peft_model = get_peft_model(
         perturbed(base, 0, scale=0.0),
-        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj"],
+            init_lora_weights=False,
+        ),
     )
     peft_model.save_pretrained(lora_dir)
     calibration = [
         write_jsonl(
             os.path.join(root, "code.jsonl"),
-            [{"text": CORPUS[0] * 2}, {"text": CORPUS[3]}, {"prompt": "def add(", "response": "a, b):"}],
+            [
+                {"text": CORPUS[0] * 2},
+                {"text": CORPUS[3]},
+                {"prompt": "def add(", "response": "a, b):"},
+            ],
         ),
         write_jsonl(
             os.path.join(root, "math.jsonl"),
@@ -129,7 +140,12 @@ def tiny(tmp_path_factory) -> TinySetup:
         write_jsonl(
             os.path.join(root, "chat.jsonl"),
             [
-                {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Merging models."}]},
+                {
+                    "messages": [
+                        {"role": "user", "content": "Hi"},
+                        {"role": "assistant", "content": "Merging models."},
+                    ]
+                },
                 {"messages": [{"role": "user", "content": "The quick brown"}]},
                 {"text": CORPUS[1]},
             ],
@@ -138,13 +154,20 @@ def tiny(tmp_path_factory) -> TinySetup:
     return TinySetup(root, base_dir, experts, f"{base_dir}+{lora_dir}", calibration)
 
 
-def expert_config(tiny: TinySetup, method: str = "expert_merging", calibration=None, lora=True) -> dict:
+def expert_config(
+    tiny: TinySetup, method: str = "expert_merging", calibration=None, lora=True
+) -> dict:
     models = [
         {"model": tiny.experts[0], "parameters": {"calibration": tiny.calibration[0]}},
-        {"model": tiny.experts[1], "parameters": {"calibration": tiny.calibration[1], "task_weight": 1.2}},
+        {
+            "model": tiny.experts[1],
+            "parameters": {"calibration": tiny.calibration[1], "task_weight": 1.2},
+        },
     ]
     if lora:
-        models.append({"model": tiny.lora, "parameters": {"calibration": tiny.calibration[2]}})
+        models.append(
+            {"model": tiny.lora, "parameters": {"calibration": tiny.calibration[2]}}
+        )
     return {
         "merge_method": method,
         "base_model": tiny.base,

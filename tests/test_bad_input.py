@@ -9,7 +9,13 @@ import transformers
 import yaml
 from click.testing import CliRunner
 
-from conftest import build_tokenizer, expert_config, save_model, tiny_config, write_jsonl
+from conftest import (
+    build_tokenizer,
+    expert_config,
+    save_model,
+    tiny_config,
+    write_jsonl,
+)
 from mergekit_expert.cli import main
 
 
@@ -20,18 +26,24 @@ def no_model_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was validated")
 
-    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(refuse))
+    monkeypatch.setattr(
+        transformers.PreTrainedModel, "from_pretrained", classmethod(refuse)
+    )
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
 
 
 def run_failing(tmp_path, document, *extra) -> str:
     config = tmp_path / "merge.yml"
-    config.write_text(yaml.safe_dump(document) if isinstance(document, dict) else document)
+    config.write_text(
+        yaml.safe_dump(document) if isinstance(document, dict) else document
+    )
     out = tmp_path / "out"
     result = CliRunner().invoke(main, [str(config), str(out), "--quiet", *extra])
     assert result.exit_code != 0
     assert not out.exists(), "a failed run must not leave an output directory"
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert result.exception is None or isinstance(result.exception, SystemExit), (
+        result.exception
+    )
     return result.output
 
 
@@ -121,7 +133,9 @@ def test_experts_of_different_shapes(tiny, tmp_path, no_model_loads):
 
 def test_bad_artifact(tiny, tmp_path, no_model_loads):
     document = expert_config(tiny)
-    output = run_failing(tmp_path, document, "--coefficients", str(tmp_path / "none.safetensors"))
+    output = run_failing(
+        tmp_path, document, "--coefficients", str(tmp_path / "none.safetensors")
+    )
     assert "none.safetensors" in output and "does not exist" in output
 
 

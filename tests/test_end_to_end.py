@@ -92,7 +92,9 @@ def test_output_equals_task_arithmetic_from_artifact(tiny, calibrated):
             matrix = coefficients[name]
             assert matrix.shape == (3, 1) and matrix.dtype == torch.float32
             for k, expert in enumerate(expert_tensors):
-                expected += float(matrix[k, 0]) * (expert[name].double() - base[name].double())
+                expected += float(matrix[k, 0]) * (
+                    expert[name].double() - base[name].double()
+                )
         torch.testing.assert_close(tensor.double(), expected, rtol=1e-5, atol=1e-6)
     # Training moved the coefficients away from the init.
     assert any((m - 0.3).abs().max() > 1e-3 for m in coefficients.values())
@@ -106,14 +108,18 @@ def test_report_png_and_model_card(tiny, calibrated):
     assert report["samples_per_expert"] == [3, 3, 3]
     assert len(report["stage1"]["epoch_loss"]) == 2
     assert {"teacher", "stage1", "write"} <= set(report["stages"])
-    assert all(s["wall_s"] >= 0 and s["peak_rss_mib"] > 0 for s in report["stages"].values())
+    assert all(
+        s["wall_s"] >= 0 and s["peak_rss_mib"] > 0 for s in report["stages"].values()
+    )
     # Prompt-only records got pseudo-labels from their own expert.
     assert sorted(p["expert"] for p in report["pseudo_labels"]) == [1, 1, 2]
     with open(os.path.join(out, "expert_merging", "coefficients.png"), "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
     assert "## Expert Merging (mergekit-expert)" in card
-    artifact = load_file(os.path.join(out, "expert_merging", "coefficients.safetensors"))
+    artifact = load_file(
+        os.path.join(out, "expert_merging", "coefficients.safetensors")
+    )
     mean_first = float(torch.cat([m[0] for m in artifact.values()]).mean())
     assert abs(report["mean_alpha"][0] - mean_first) < 1e-6
 

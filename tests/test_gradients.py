@@ -7,9 +7,9 @@ from transformers import LlamaForCausalLM
 
 from conftest import tiny_config
 from mergekit_expert.coefficients import chunk_count
+from mergekit_expert.config import DEFAULT_EXCLUDE
 from mergekit_expert.objective import hidden_loss, logit_loss, regularizer
 from mergekit_expert.student import Student, select_weights
-from mergekit_expert.config import DEFAULT_EXCLUDE
 
 
 def naive_loss(model, base, task_vectors, raw, activation, init, ids, teacher, layer):
@@ -21,15 +21,26 @@ def naive_loss(model, base, task_vectors, raw, activation, init, ids, teacher, l
         m = alpha.shape[1]
         pieces = torch.chunk(torch.zeros(numel), m)
         per_element = torch.stack(
-            [torch.cat([alpha[j, s].expand(len(p)) for s, p in enumerate(pieces)]) for j in range(k)]
+            [
+                torch.cat([alpha[j, s].expand(len(p)) for s, p in enumerate(pieces)])
+                for j in range(k)
+            ]
         )
-        params[name] = (base[name] + (per_element * tau).sum(0)).reshape(dict(model.named_parameters())[name].shape)
-    out = functional_call(model, params, (ids[None],), {"output_hidden_states": True, "use_cache": False})
-    loss = logit_loss(out.logits[0], teacher[0]) + hidden_loss([out.hidden_states[layer][0]], [teacher[1]])
+        params[name] = (base[name] + (per_element * tau).sum(0)).reshape(
+            dict(model.named_parameters())[name].shape
+        )
+    out = functional_call(
+        model, params, (ids[None],), {"output_hidden_states": True, "use_cache": False}
+    )
+    loss = logit_loss(out.logits[0], teacher[0]) + hidden_loss(
+        [out.hidden_states[layer][0]], [teacher[1]]
+    )
     return loss + 0.8 * regularizer({n: activation(w) for n, w in raw.items()}, init)
 
 
-@pytest.mark.parametrize("chunks,activation", [(1, "sigmoid"), (3, "sigmoid"), (5, "identity")])
+@pytest.mark.parametrize(
+    "chunks,activation", [(1, "sigmoid"), (3, "sigmoid"), (5, "identity")]
+)
 def test_projection_equals_autograd(chunks, activation):
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_config(64, layers=2, hidden=16)).eval()
@@ -42,7 +53,13 @@ def test_projection_equals_autograd(chunks, activation):
     teacher = (torch.randn(12, 64), torch.randn(12, 16))
     layer = 1
 
-    student = Student(model, task_vectors, [0.3, 0.6], activation=activation, chunks={n: chunks for n in names})
+    student = Student(
+        model,
+        task_vectors,
+        [0.3, 0.6],
+        activation=activation,
+        chunks={n: chunks for n in names},
+    )
     # Move off the init so the regularizer has a non-zero subgradient everywhere.
     with torch.no_grad():
         for w in student.parameters():
@@ -53,14 +70,26 @@ def test_projection_equals_autograd(chunks, activation):
     loss.backward()
     grads = student.projected_grads()
     alphas = student.alphas()
-    surrogate = 0.8 * regularizer(alphas, student.init) + sum((alphas[n] * grads[n]).sum() for n in alphas)
+    surrogate = 0.8 * regularizer(alphas, student.init) + sum(
+        (alphas[n] * grads[n]).sum() for n in alphas
+    )
     surrogate.backward()
     ours = {n: w.grad.clone() for n, w in student.raw.items()}
 
     raw = {n: w.detach().clone().requires_grad_(True) for n, w in student.raw.items()}
     for n in names:
         assert raw[n].shape == (2, chunk_count(base[n].numel(), chunks))
-    reference = naive_loss(model, base, task_vectors, raw, student.activation, student.init, ids, teacher, layer)
+    reference = naive_loss(
+        model,
+        base,
+        task_vectors,
+        raw,
+        student.activation,
+        student.init,
+        ids,
+        teacher,
+        layer,
+    )
     reference.backward()
     for n in names:
         torch.testing.assert_close(ours[n], raw[n].grad, rtol=1e-4, atol=1e-7)

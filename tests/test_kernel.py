@@ -25,7 +25,15 @@ def hand_merge(base, experts, rows):
 
 @pytest.mark.parametrize(
     "shape,asked",
-    [((4, 6), 1), ((4, 6), 3), ((10,), 4), ((10,), 6), ((3, 5, 2), 7), ((7,), 7), ((5,), 8)],
+    [
+        ((4, 6), 1),
+        ((4, 6), 3),
+        ((10,), 4),
+        ((10,), 6),
+        ((3, 5, 2), 7),
+        ((7,), 7),
+        ((5,), 8),
+    ],
 )
 def test_kernel_matches_hand_formula(shape, asked):
     generator = torch.Generator().manual_seed(len(shape) * 10 + asked)
@@ -59,7 +67,9 @@ def test_chunk_helpers_follow_torch_chunk():
                 reduce_chunks(values, m), torch.stack([p.sum() for p in pieces])
             )
             coefficients = torch.arange(m, dtype=torch.float64) + 1
-            expected = torch.cat([torch.full_like(p, c) for p, c in zip(pieces, coefficients)])
+            expected = torch.cat(
+                [torch.full_like(p, c) for p, c in zip(pieces, coefficients)]
+            )
             torch.testing.assert_close(expand_chunks(coefficients, numel), expected)
 
 
@@ -69,17 +79,27 @@ def test_non_contiguous_inputs_and_bfloat16():
     expert = torch.randn(4, 12, generator=generator)[:, ::2]
     assert not base.is_contiguous() and not expert.is_contiguous()
     result = merge_tensors(
-        [base, expert], "expert_merging_pp", base_index=0, parameters={"weight": [[0.2, 0.7]]}
+        [base, expert],
+        "expert_merging_pp",
+        base_index=0,
+        parameters={"weight": [[0.2, 0.7]]},
     )
-    expected = hand_merge(base.contiguous(), [expert.contiguous()], [[0.2, 0.7]]).float()
+    expected = hand_merge(
+        base.contiguous(), [expert.contiguous()], [[0.2, 0.7]]
+    ).float()
     torch.testing.assert_close(result, expected)
     low = merge_tensors(
-        [base.bfloat16(), expert.bfloat16()], "expert_merging", base_index=0, parameters={"weight": 0.5}
+        [base.bfloat16(), expert.bfloat16()],
+        "expert_merging",
+        base_index=0,
+        parameters={"weight": 0.5},
     )
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(
         low.float(),
-        hand_merge(base.bfloat16().float(), [expert.bfloat16().float()], [[0.5]]).float(),
+        hand_merge(
+            base.bfloat16().float(), [expert.bfloat16().float()], [[0.5]]
+        ).float(),
         atol=1e-2,
         rtol=1e-2,
     )
@@ -87,7 +107,13 @@ def test_non_contiguous_inputs_and_bfloat16():
 
 def test_merge_state_dicts_with_explicit_weights():
     generator = torch.Generator().manual_seed(5)
-    states = [{"a": torch.randn(3, 4, generator=generator), "b": torch.randn(5, generator=generator)} for _ in range(3)]
+    states = [
+        {
+            "a": torch.randn(3, 4, generator=generator),
+            "b": torch.randn(5, generator=generator),
+        }
+        for _ in range(3)
+    ]
     merged = merge_state_dicts(
         {"base": states[0], "x": states[1], "y": states[2]},
         "expert_merging",
@@ -95,7 +121,11 @@ def test_merge_state_dicts_with_explicit_weights():
         parameters={"weight": {"x": 0.25, "y": 0.5}},
     )
     for name in ("a", "b"):
-        expected = states[0][name] + 0.25 * (states[1][name] - states[0][name]) + 0.5 * (states[2][name] - states[0][name])
+        expected = (
+            states[0][name]
+            + 0.25 * (states[1][name] - states[0][name])
+            + 0.5 * (states[2][name] - states[0][name])
+        )
         torch.testing.assert_close(merged[name], expected)
 
 
@@ -107,10 +137,18 @@ def test_errors_without_coefficients_or_base():
         merge_tensors([base, expert], "expert_merging", parameters={"weight": 0.3})
     with pytest.raises(ValueError, match="torch.chunk"):
         # 10 elements cannot have 6 chunk coefficients: torch.chunk gives 5.
-        merge_tensors([torch.zeros(10), torch.ones(10)], "expert_merging", base_index=0, parameters={"weight": [[0.1] * 6]})
+        merge_tensors(
+            [torch.zeros(10), torch.ones(10)],
+            "expert_merging",
+            base_index=0,
+            parameters={"weight": [[0.1] * 6]},
+        )
     with pytest.raises(ValueError, match="some inputs"):
         merge_tensors(
-            [base, expert, expert * 2], "expert_merging", base_index=0, parameters={"weight": {1: 0.3, 2: None}}
+            [base, expert, expert * 2],
+            "expert_merging",
+            base_index=0,
+            parameters={"weight": {1: 0.3, 2: None}},
         )
 
 

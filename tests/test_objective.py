@@ -24,7 +24,9 @@ def test_logit_loss_is_scaled_kl_over_positions():
         expected = t * t * sum(kls) / 2
         got = logit_loss(torch.tensor(student), torch.tensor(teacher), temperature=t)
         assert math.isclose(float(got), expected, rel_tol=1e-5)
-        masked = logit_loss(torch.tensor(student), torch.tensor(teacher), t, torch.tensor([False, True]))
+        masked = logit_loss(
+            torch.tensor(student), torch.tensor(teacher), t, torch.tensor([False, True])
+        )
         assert math.isclose(float(masked), t * t * kls[1], rel_tol=1e-5)
     same = logit_loss(torch.tensor(teacher), torch.tensor(teacher))
     assert abs(float(same)) < 1e-6
@@ -37,11 +39,16 @@ def test_hidden_loss_is_element_mean_squared_error_averaged_over_layers():
     layer1 = (4 + 0 + 0 + 0) / 4
     assert math.isclose(float(hidden_loss(a, b)), (layer0 + layer1) / 2)
     only_first_position = ((0 + 4) / 2 + (4 + 0) / 2) / 2
-    assert math.isclose(float(hidden_loss(a, b, torch.tensor([True, False]))), only_first_position)
+    assert math.isclose(
+        float(hidden_loss(a, b, torch.tensor([True, False]))), only_first_position
+    )
 
 
 def test_regularizer_normalizes_by_slots_per_expert():
-    alphas = {"w1": torch.tensor([[0.5], [0.1]]), "w2": torch.tensor([[0.3, 0.2, 0.4], [0.0, 0.2, 0.6]])}
+    alphas = {
+        "w1": torch.tensor([[0.5], [0.1]]),
+        "w2": torch.tensor([[0.3, 0.2, 0.4], [0.0, 0.2, 0.6]]),
+    }
     init = [0.3, 0.2]
     # expert 0: |0.5-0.3| + |0.3-0.3| + |0.2-0.3| + |0.4-0.3| = 0.4
     # expert 1: |0.1-0.2| + |0.0-0.2| + |0.2-0.2| + |0.6-0.2| = 0.7; 4 slots per expert
