@@ -1,0 +1,104 @@
+"""The automatic initial alpha against an independent task-arithmetic evaluation."""
+
+import json
+import os
+
+import torch
+import yaml
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import CORPUS, write_jsonl
+from mergekit_expert.cli import main
+
+
+def naive_alignment(base_dir, expert_dirs, texts, task_weights, alpha, layer):
+    """sum_k beta_k mean_i [KL(expert_k || TA(alpha)) + MSE(hidden)] with plain HF models."""
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    experts = [
+        AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        for d in expert_dirs
+    ]
+    merged_state = {}
+    base_state = base.state_dict()
+    for name, tensor in base_state.items():
+        if name.endswith("proj.weight"):
+            merged_state[name] = tensor + alpha * sum(
+                e.state_dict()[name] - tensor for e in experts
+            )
+        else:
+            merged_state[name] = tensor
+    merged = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    merged.load_state_dict(merged_state)
+    total = 0.0
+    with torch.no_grad():
+        for expert, expert_texts, beta in zip(experts, texts, task_weights):
+            losses = []
+            for text in expert_texts:
+                ids = torch.tensor([tokenizer(text)["input_ids"]])
+                teacher = expert(ids, output_hidden_states=True)
+                student = merged(ids, output_hidden_states=True)
+                p = torch.softmax(teacher.logits[0], -1)
+                kl = (
+                    (p * (p.log() - torch.log_softmax(student.logits[0], -1)))
+                    .sum(-1)
+                    .mean()
+                )
+                mse = (
+                    (teacher.hidden_states[layer][0] - student.hidden_states[layer][0])
+                    .pow(2)
+                    .mean()
+                )
+                losses.append(float(kl + mse))
+            total += beta * sum(losses) / len(losses)
+    return total
+
+
+def test_auto_init_picks_the_best_task_arithmetic_alpha(tiny, tmp_path):
+    texts = [[CORPUS[0], CORPUS[3]], [CORPUS[2], CORPUS[1]]]
+    files = [
+        write_jsonl(str(tmp_path / f"{k}.jsonl"), [{"text": t} for t in group])
+        for k, group in enumerate(texts)
+    ]
+    document = {
+        "merge_method": "expert_merging",
+        "base_model": tiny.base,
+        "models": [
+            {"model": tiny.experts[0], "parameters": {"calibration": files[0]}},
+            {
+                "model": tiny.experts[1],
+                "parameters": {"calibration": files[1], "task_weight": 1.5},
+            },
+        ],
+        "calibration": {
+            "samples_per_expert": 2,
+            "epochs": 1,
+            "init_grid": [0.2, 0.5, 0.9],
+        },
+    }
+    config = tmp_path / "merge.yml"
+    config.write_text(yaml.safe_dump(document))
+    result = CliRunner().invoke(
+        main, [str(config), str(tmp_path / "out"), "--quiet"], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    report = json.load(
+        open(os.path.join(tmp_path, "out", "expert_merging", "report.json"))
+    )
+    curve = report["init_curve"]
+    assert [point["alpha"] for point in curve] == [0.2, 0.5, 0.9]
+    for point in curve:
+        expected = naive_alignment(
+            tiny.base, tiny.experts, texts, [1.0, 1.5], point["alpha"], layer=1
+        )
+        assert abs(point["loss"] - expected) < 1e-4 * max(1.0, expected), (
+            point,
+            expected,
+        )
+    best = min(curve, key=lambda p: p["loss"])["alpha"]
+    assert all(abs(v - best) < 1e-6 for v in report["init"])
+    assert (
+        abs(report["loss"]["task_arithmetic_init"] - min(p["loss"] for p in curve))
+        < 1e-5
+    )
