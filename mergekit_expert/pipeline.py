@@ -31,6 +31,7 @@ from .coefficients import ARTIFACT_DIR, ARTIFACT_NAME, CoefficientArtifact
 from .config import ExpertMergePlan, parse_plan
 from .data import CalibrationRecord, choose_records, load_records
 from .errors import ExpertMergingError
+from .importance import allocate_chunks, layer_importance, mean_abs_task_vectors
 from .methods import load_artifact_cached
 from .report import card_section, plot_coefficients, write_json
 from .student import Student, check_hidden_layers, select_weights
@@ -310,12 +311,8 @@ def calibrate(
         student.reset(init_values)
         LOG.info("init: auto chose alpha=%s", best)
     init_values = list(student.init)
-    student.load()
-    initial_loss, _ = alignment_loss(
-        student, cache, settings, hidden_layers, task_weights
-    )
     with clock.stage("stage1"):
-        history = train_coefficients(
+        stage1 = train_coefficients(
             student,
             cache,
             settings,
@@ -324,10 +321,24 @@ def calibrate(
             desc="Stage 1",
             quiet=quiet,
         )
-    final_loss, final_expert = alignment_loss(
+    alphas = student.all_alphas()
+    losses = {
+        "task_arithmetic_init": stage1.alignment[0],
+        "stage1": stage1.best_alignment,
+    }
+    stages = {"stage1": _history_report(stage1)}
+    allocation = None
+    if plan.method == "expert_merging_pp":
+        with clock.stage("stage2"):
+            allocation, stage2 = run_stage2(
+                student, alphas, cache, settings, hidden_layers, task_weights, quiet
+            )
+        alphas = student.all_alphas()
+        losses["stage2"] = stage2.best_alignment
+        stages["stage2"] = _history_report(stage2)
+    _, final_expert = alignment_loss(
         student, cache, settings, hidden_layers, task_weights
     )
-    alphas = {name: a.detach().cpu() for name, a in student.alphas().items()}
     artifact = CoefficientArtifact(
         coefficients=alphas,
         method=plan.method,
@@ -347,26 +358,85 @@ def calibrate(
         "hidden_layers": hidden_layers,
         "calibration": settings.model_dump(),
         "device": device,
-        "loss": {"task_arithmetic_init": initial_loss, "stage1": final_loss},
+        "loss": losses,
         "expert_loss_final": final_expert,
-        "stage1": {
-            "epoch_loss": history.epoch_loss,
-            "epoch_expert_loss": history.epoch_expert_loss,
-            "optimizer_steps": history.steps,
-            "stopped_early": history.stopped_early,
-        },
+        **stages,
         "pseudo_labels": cache.pseudo_labels,
         "truncated_samples": sum(s.truncated for s in cache.samples),
-        "mean_alpha": [
-            float(torch.cat([a[k] for a in alphas.values()]).mean())
-            for k in range(len(plan.experts))
-        ],
+        "mean_alpha": _mean_alpha(alphas, len(plan.experts)),
         "coefficients": {name: a.tolist() for name, a in alphas.items()},
         "stages": clock.stages,
         "versions": _versions(),
     }
+    if allocation is not None:
+        report["allocation"] = {
+            "budget": allocation.budget,
+            "kappa": settings.kappa,
+            "total_chunks": sum(allocation.chunks.values()),
+            "importance": allocation.importance,
+            "chunks": allocation.chunks,
+        }
     del student, model, task_vectors, cache
     return artifact, report
+
+
+def run_stage2(
+    student, stage1_alphas, cache, settings, hidden_layers, task_weights, quiet
+):
+    """Importance-guided chunking, then chunk coefficients trained on the same cache."""
+    numels = {name: tau.shape[1] for name, tau in student.task_vectors.items()}
+    importance = layer_importance(
+        stage1_alphas, mean_abs_task_vectors(student.task_vectors), numels
+    )
+    allocation = allocate_chunks(importance, numels, settings.budget, settings.kappa)
+    init = student.init
+    stage1_raw = {name: w.detach().clone() for name, w in student.raw.items()}
+    warm = settings.stage2_init == "warm"
+    fixed = {
+        name: stage1_alphas[name] if warm else torch.tensor(init)[:, None]
+        for name, m in allocation.chunks.items()
+        if m == 0
+    }
+    student.reset(
+        init,
+        chunks=allocation.trainable,
+        start=stage1_raw if warm else None,
+        fixed=fixed,
+    )
+    LOG.info(
+        "stage 2: %d chunks over %d weights (budget %.1f), %d fixed",
+        sum(allocation.chunks.values()),
+        len(numels),
+        allocation.budget,
+        len(fixed),
+    )
+    history = train_coefficients(
+        student,
+        cache,
+        settings,
+        hidden_layers,
+        task_weights,
+        desc="Stage 2",
+        quiet=quiet,
+    )
+    return allocation, history
+
+
+def _history_report(history) -> dict:
+    return {
+        "epoch_loss": history.epoch_loss,
+        "epoch_expert_loss": history.epoch_expert_loss,
+        "alignment_loss": history.alignment,
+        "kept_epoch": history.best_epoch,
+        "optimizer_steps": history.steps,
+        "stopped_early": history.stopped_early,
+    }
+
+
+def _mean_alpha(alphas, experts: int) -> list[float]:
+    return [
+        float(torch.cat([a[k] for a in alphas.values()]).mean()) for k in range(experts)
+    ]
 
 
 def _versions() -> dict:
@@ -446,10 +516,7 @@ def _finish(out_path, artifact, artifact_file, report, clock, options) -> None:
             "init": list(artifact.init),
             "coefficients_from": os.path.abspath(artifact_file),
             "samples_per_expert": ["-"] * len(artifact.experts),
-            "mean_alpha": [
-                float(torch.cat([a[k] for a in artifact.coefficients.values()]).mean())
-                for k in range(len(artifact.experts))
-            ],
+            "mean_alpha": _mean_alpha(artifact.coefficients, len(artifact.experts)),
             "coefficients": {n: a.tolist() for n, a in artifact.coefficients.items()},
             "stages": {},
         }
@@ -466,8 +533,18 @@ def _finish(out_path, artifact, artifact_file, report, clock, options) -> None:
         artifact.coefficients,
         artifact.experts,
         f"{pretty}: learned coefficients",
+        chunks=_chunk_counts(artifact, report),
     )
     card = os.path.join(out_path, "README.md")
     if options.write_model_card and os.path.exists(card):
         with open(card, "a", encoding="utf-8") as handle:
             handle.write(card_section(report))
+
+
+def _chunk_counts(artifact: CoefficientArtifact, report: dict) -> dict[str, int] | None:
+    """Chunk allocation of an Expert Merging++ merge (0 = fixed), else None."""
+    if artifact.method != "expert_merging_pp":
+        return None
+    if "allocation" in report:
+        return report["allocation"]["chunks"]
+    return {name: matrix.shape[1] for name, matrix in artifact.coefficients.items()}

@@ -24,51 +24,71 @@ def write_json(path: str, report: Mapping) -> None:
         json.dump(report, handle, indent=2)
 
 
+def _grid(
+    values: Mapping[tuple[int, str], float],
+) -> tuple[list[int], list[str], torch.Tensor]:
+    """Rows (blocks), columns and a NaN-padded grid from {(block, column): value}."""
+    rows = sorted({block for block, _ in values})
+    columns: list[str] = []
+    for _, column in values:
+        if column not in columns:
+            columns.append(column)
+    grid = torch.full((max(len(rows), 1), max(len(columns), 1)), float("nan"))
+    for (block, column), value in values.items():
+        grid[rows.index(block), columns.index(column)] = value
+    return rows, columns, grid
+
+
 def plot_coefficients(
     path: str,
     coefficients: Mapping[str, torch.Tensor],
     experts: Sequence[str],
     title: str,
+    chunks: Mapping[str, int] | None = None,
 ) -> None:
-    """Heatmap of mean alpha per weight: rows blocks, columns projection x expert."""
+    """Heatmap of mean alpha per weight (rows blocks, columns projection x expert),
+    and for Expert Merging++ a second panel with the chunk allocation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells: dict[tuple[int, str, int], float] = {}
-    projections: list[str] = []
-    blocks: set[int] = set()
+    short = [os.path.basename(e.rstrip("/")) or e for e in experts]
+    alpha_cells, chunk_cells = {}, {}
     for name, matrix in coefficients.items():
         block, projection = _block_and_projection(name)
         if block is None:
             continue
-        blocks.add(block)
-        if projection not in projections:
-            projections.append(projection)
+        label = projection.split(".")[-1]
         for k in range(matrix.shape[0]):
-            cells[(block, projection, k)] = float(matrix[k].float().mean())
-    rows = sorted(blocks)
-    columns = [(p, k) for p in projections for k in range(len(experts))]
-    grid = torch.full((max(len(rows), 1), max(len(columns), 1)), float("nan"))
-    for r, block in enumerate(rows):
-        for c, (projection, k) in enumerate(columns):
-            if (block, projection, k) in cells:
-                grid[r, c] = cells[(block, projection, k)]
-    width = max(6.0, 0.35 * len(columns) + 3)
+            alpha_cells[(block, f"{label}\n{short[k]}")] = float(
+                matrix[k].float().mean()
+            )
+        if chunks is not None:
+            chunk_cells[(block, label)] = float(chunks.get(name, matrix.shape[1]))
+    panels = [(alpha_cells, "alpha (mean over chunks)", title, "viridis")]
+    if chunks is not None:
+        panels.append((chunk_cells, "chunks (0 = fixed)", "Chunk allocation", "magma"))
+    rows, columns, _ = _grid(alpha_cells) if alpha_cells else ([], [], None)
+    width = max(6.0, 0.35 * len(columns) + 3) + (4.0 if chunks is not None else 0.0)
     height = max(3.0, 0.3 * len(rows) + 2)
-    figure, axis = plt.subplots(figsize=(width, height))
-    image = axis.imshow(grid.numpy(), aspect="auto", cmap="viridis")
-    axis.set_yticks(range(len(rows)), [f"block {b}" for b in rows])
-    short = [os.path.basename(e.rstrip("/")) or e for e in experts]
-    axis.set_xticks(
-        range(len(columns)),
-        [f"{p.split('.')[-1]}\n{short[k]}" for p, k in columns],
-        rotation=90,
-        fontsize=7,
+    ratios = [max(len(columns), 1)] + (
+        [max(len(columns), 1) // 2 + 2] if chunks is not None else []
     )
-    axis.set_title(title)
-    figure.colorbar(image, ax=axis, label="alpha (mean over chunks)")
+    figure, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(width, height),
+        squeeze=False,
+        gridspec_kw={"width_ratios": ratios},
+    )
+    for axis, (cells, label, panel_title, cmap) in zip(axes[0], panels):
+        rows, columns, grid = _grid(cells) if cells else ([], [], torch.zeros(1, 1))
+        image = axis.imshow(grid.numpy(), aspect="auto", cmap=cmap)
+        axis.set_yticks(range(len(rows)), [f"block {b}" for b in rows])
+        axis.set_xticks(range(len(columns)), columns, rotation=90, fontsize=7)
+        axis.set_title(panel_title)
+        figure.colorbar(image, ax=axis, label=label)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -52,7 +52,7 @@ class Student:
         chunks: Mapping[str, int] | None = None,
         start: Mapping[str, torch.Tensor] | None = None,
     ):
-        """``task_vectors[name]`` is [K, numel]; ``start`` optional initial alphas [K, m]."""
+        """``task_vectors[name]`` is [K, numel]; see :meth:`reset` for the rest."""
         self.model = model
         self.activation, self.inverse = activation_fns(activation)
         params = dict(model.named_parameters())
@@ -65,50 +65,63 @@ class Student:
         }
         self.task_vectors = dict(task_vectors)
         self.raw: dict[str, torch.nn.Parameter] = {}
+        self.fixed: dict[str, torch.Tensor] = {}
         self.reset(init, chunks, start)
-        for weight in self.weights.values():
-            weight.requires_grad_(True)
 
     def reset(
         self,
         init: Sequence[float],
         chunks: Mapping[str, int] | None = None,
         start: Mapping[str, torch.Tensor] | None = None,
+        fixed: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         """(Re)create the raw coefficients: alpha = init_k everywhere, or ``start``.
 
         ``chunks`` asks for m chunks per weight (torch.chunk decides the real
-        count); ``start`` gives initial alphas [K, m] or [K, 1] to broadcast.
+        count); ``start`` gives initial raw (pre-activation) values [K, m] or
+        [K, 1] to broadcast, so a warm start reproduces alphas bit for bit;
+        weights in ``fixed`` keep those alphas [K, 1] and are not trained.
         """
         # The regularizer's target is the float32 alpha the raw init really gives,
         # so |alpha - init| starts at exactly 0 (Adam would amplify rounding noise).
         self.init = [
             float(self.activation(torch.tensor(self.inverse(float(a))))) for a in init
         ]
+        self.raw, self.fixed = {}, {}
         for name, tau in self.task_vectors.items():
+            if fixed is not None and name in fixed:
+                self.fixed[name] = fixed[name].detach().to(tau.device, torch.float32)
+                self.weights[name].requires_grad_(False)
+                continue
             m = chunk_count(tau.shape[1], (chunks or {}).get(name, 1))
             if start is not None and name in start:
-                alpha = start[name].detach().to(torch.float32).cpu()
-                if alpha.shape[1] == 1 and m > 1:
-                    alpha = alpha.expand(-1, m)
-                values = alpha.clone().apply_(self.inverse)
+                values = start[name].detach().to(torch.float32).cpu()
+                if values.shape[1] == 1 and m > 1:
+                    values = values.expand(-1, m)
             else:
                 values = torch.tensor([[self.inverse(a)] * m for a in self.init])
             self.raw[name] = torch.nn.Parameter(
                 values.to(device=tau.device, dtype=torch.float32)
             )
+            self.weights[name].requires_grad_(True)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.raw.values())
 
     def alphas(self) -> dict[str, torch.Tensor]:
-        """Current coefficients after the activation, [K, m] each, in the graph of w."""
+        """Trainable coefficients after the activation, [K, m] each, in the graph of w."""
         return {name: self.activation(w) for name, w in self.raw.items()}
+
+    @torch.no_grad()
+    def all_alphas(self) -> dict[str, torch.Tensor]:
+        """Every weight's coefficients, trainable and fixed, detached on the CPU."""
+        merged = {**self.fixed, **self.alphas()}
+        return {name: merged[name].detach().cpu() for name in self.task_vectors}
 
     @torch.no_grad()
     def load(self, alphas: Mapping[str, torch.Tensor] | None = None) -> None:
         """Write base + sum_k sum_s alpha[k, s] * tau_k[chunk s] into the model."""
-        alphas = self.alphas() if alphas is None else alphas
+        alphas = {**self.fixed, **self.alphas()} if alphas is None else alphas
         for name, weight in self.weights.items():
             merged = self.base[name].clone()
             tau = self.task_vectors[name]
@@ -120,7 +133,12 @@ class Student:
     @torch.no_grad()
     def set_uniform(self, value: float) -> None:
         """Load plain task arithmetic with every coefficient equal to ``value``."""
-        self.load({name: torch.full_like(w, value) for name, w in self.raw.items()})
+        self.load(
+            {
+                name: torch.full((t.shape[0], 1), value)
+                for name, t in self.task_vectors.items()
+            }
+        )
 
     def zero_grad(self) -> None:
         for weight in self.weights.values():
@@ -132,8 +150,9 @@ class Student:
     def projected_grads(self) -> dict[str, torch.Tensor]:
         """dL/dalpha [K, m] from the accumulated weight gradients."""
         result = {}
-        for name, weight in self.weights.items():
-            m = self.raw[name].shape[1]
+        for name, raw in self.raw.items():
+            weight = self.weights[name]
+            m = raw.shape[1]
             grad = weight.grad
             if grad is None:
                 result[name] = torch.zeros_like(self.raw[name])

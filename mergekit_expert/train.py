@@ -27,8 +27,16 @@ from .teacher import TeacherCache
 class TrainHistory:
     epoch_loss: list[float] = field(default_factory=list)  # full objective
     epoch_expert_loss: list[list[float]] = field(default_factory=list)  # per expert
+    # Calibration alignment loss at the start and after each epoch; the
+    # coefficients with the lowest one are kept (a warm start stays feasible).
+    alignment: list[float] = field(default_factory=list)
+    best_epoch: int = 0  # 0 = the starting coefficients
     steps: int = 0
     stopped_early: bool = False
+
+    @property
+    def best_alignment(self) -> float:
+        return self.alignment[self.best_epoch]
 
 
 def sample_loss(
@@ -137,6 +145,12 @@ def train_coefficients(
     history = TrainHistory()
     best, stale = math.inf, 0
     student.load()
+    history.alignment.append(
+        alignment_loss(student, cache, config, hidden_layers, task_weights)[0]
+    )
+    kept = _snapshot(student)
+    if not student.raw:
+        return history  # every coefficient is fixed: nothing to train
     progress = tqdm(total=steps_per_epoch * config.epochs, desc=desc, disable=quiet)
     for _epoch in range(config.epochs):
         order = [
@@ -175,6 +189,11 @@ def train_coefficients(
         history.epoch_expert_loss.append(
             [s / max(c, 1) for s, c in zip(expert_sums, expert_counts)]
         )
+        aligned, _ = alignment_loss(student, cache, config, hidden_layers, task_weights)
+        history.alignment.append(aligned)
+        if aligned < history.best_alignment:
+            history.best_epoch = len(history.alignment) - 1
+            kept = _snapshot(student)
         if epoch_loss < best - 1e-12:
             best, stale = epoch_loss, 0
         else:
@@ -183,5 +202,13 @@ def train_coefficients(
                 history.stopped_early = True
                 break
     progress.close()
+    with torch.no_grad():
+        for name, w in student.raw.items():
+            w.copy_(kept[name])
+    student.load()
     student.zero_grad()
     return history
+
+
+def _snapshot(student: Student) -> dict[str, torch.Tensor]:
+    return {name: w.detach().clone() for name, w in student.raw.items()}
