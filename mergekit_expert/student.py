@@ -97,7 +97,7 @@ class Student:
             if start is not None and name in start:
                 values = start[name].detach().to(torch.float32).cpu()
                 if values.shape[1] == 1 and m > 1:
-                    values = values.expand(-1, m)
+                    values = values.expand(-1, m).contiguous()
             else:
                 values = torch.tensor([[self.inverse(a)] * m for a in self.init])
             self.raw[name] = torch.nn.Parameter(
