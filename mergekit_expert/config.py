@@ -61,6 +61,7 @@ class CalibrationConfig(BaseModel):
     max_new_tokens: int = Field(64, ge=1)
     exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDE))
     seed: int = 0
+    sane_range: tuple[float, float] = (-1.0, 2.0)
     # Expert Merging++ (stage 2); ignored by expert_merging.
     budget: float = Field(1.0, gt=0)
     kappa: float = Field(1.2, ge=0)
@@ -72,6 +73,13 @@ class CalibrationConfig(BaseModel):
         values = [value] if isinstance(value, float) else value
         if isinstance(values, list) and not values:
             raise ValueError("init list is empty; give one value per expert")
+        return value
+
+    @field_validator("sane_range")
+    @classmethod
+    def _ordered_range(cls, value):
+        if value[0] >= value[1]:
+            raise ValueError("sane_range must be [low, high] with low < high")
         return value
 
     @field_validator("exclude")

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import os
 import resource
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,16 +27,29 @@ from mergekit.common import ModelReference
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 
+from .checkpoint import CHECKPOINT, TEACHER, WorkDir, fingerprint, save_state
 from .coefficients import ARTIFACT_DIR, ARTIFACT_NAME, CoefficientArtifact
 from .config import ExpertMergePlan, parse_plan
 from .data import CalibrationRecord, choose_records, load_records
 from .errors import ExpertMergingError
-from .importance import allocate_chunks, layer_importance, mean_abs_task_vectors
+from .importance import (
+    Allocation,
+    allocate_chunks,
+    layer_importance,
+    mean_abs_task_vectors,
+)
 from .methods import load_artifact_cached
 from .report import card_section, plot_coefficients, write_json
 from .student import Student, check_hidden_layers, select_weights
-from .teacher import has_tokenizer, load_causal_lm, run_teachers
-from .train import alignment_loss, search_init, train_coefficients
+from .teacher import TeacherCache, has_tokenizer, load_causal_lm, run_teachers
+from .train import (
+    LoopState,
+    Resume,
+    TrainHistory,
+    alignment_loss,
+    search_init,
+    train_coefficients,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -213,7 +226,10 @@ def _tokenizer_candidates(
 
 
 def load_task_vectors(
-    names: Sequence[str], base_model: torch.nn.Module, expert_dirs: Sequence[str]
+    names: Sequence[str],
+    base_model: torch.nn.Module,
+    expert_dirs: Sequence[str],
+    expert_names: Sequence[str],
 ) -> dict[str, torch.Tensor]:
     """tau_k = expert_k - base for each weight, stacked as [K, numel] float32."""
     from mergekit.io import LazyTensorLoader, ShardedTensorIndex
@@ -223,15 +239,24 @@ def load_task_vectors(
     result = {}
     for name in names:
         base = params[name].detach().reshape(-1).to(torch.float32)
+        if not bool(torch.isfinite(base).all()):
+            raise ExpertMergingError(
+                f"the base model's tensor {name} holds NaN or infinite values"
+            )
         rows = []
-        for directory, loader in zip(expert_dirs, loaders):
+        for expert, loader in zip(expert_names, loaders):
             if name not in loader.index.tensor_paths:
-                raise ExpertMergingError(f"expert {directory} has no tensor {name}")
+                raise ExpertMergingError(f"expert {expert} has no tensor {name}")
             tensor = loader.get_tensor(name, device=str(base.device)).to(torch.float32)
             if tensor.numel() != base.numel():
                 raise ExpertMergingError(
-                    f"tensor {name} has {tensor.numel()} elements in {directory} but "
+                    f"tensor {name} has {tensor.numel()} elements in expert {expert} but "
                     f"{base.numel()} in the base"
+                )
+            if not bool(torch.isfinite(tensor).all()):
+                raise ExpertMergingError(
+                    f"expert {expert}'s tensor {name} holds NaN or infinite values; "
+                    "fix or re-export that checkpoint"
                 )
             rows.append(tensor.reshape(-1) - base)
         result[name] = torch.stack(rows)
@@ -240,19 +265,118 @@ def load_task_vectors(
     return result
 
 
+class Checkpointer:
+    """Saves the calibration state after every optimizer step; restores it on resume.
+
+    Besides the running loop it holds what earlier phases produced (the
+    initial alphas, stage 1's result and, for ++, the allocation), so a run
+    killed in stage 2 resumes there without redoing stage 1.
+    """
+
+    def __init__(self, work: WorkDir | None):
+        self.work = work
+        self.done: dict = {}  # JSON results of finished phases
+        self.tensors: dict[str, torch.Tensor] = {}  # tensors of finished phases
+        self.saved = work.load(CHECKPOINT) if work is not None else None
+        if self.saved is not None:
+            self.tensors = {
+                k: v for k, v in self.saved[0].items() if k.startswith("stage1_raw.")
+            }
+            self.done = self.saved[1]["done"]
+
+    def resume_for(self, phase: str) -> Resume | None:
+        if self.saved is None or self.saved[1]["phase"] != phase:
+            return None
+        tensors, state = self.saved
+        return Resume(
+            loop=LoopState.from_json(state["loop"]),
+            raw=_prefixed(tensors, "raw."),
+            kept=_prefixed(tensors, "kept."),
+            optimizer=_optimizer_from(tensors, state["optimizer"]),
+            scheduler=state["scheduler"],
+        )
+
+    def hook(self, phase: str):
+        if self.work is None:
+            return None
+
+        def on_step(state, student, optimizer, scheduler, kept):
+            tensors = dict(self.tensors)
+            tensors.update({f"raw.{n}": w for n, w in student.raw.items()})
+            tensors.update({f"kept.{n}": w for n, w in kept.items()})
+            optimizer_meta = _optimizer_to(optimizer, tensors)
+            save_state(
+                self.work.file(CHECKPOINT),
+                tensors,
+                {
+                    "phase": phase,
+                    "done": self.done,
+                    "loop": state.to_json(),
+                    "optimizer": optimizer_meta,
+                    "scheduler": scheduler.state_dict()
+                    if scheduler is not None
+                    else None,
+                },
+            )
+
+        return on_step
+
+
+def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _optimizer_to(optimizer, tensors: dict[str, torch.Tensor]) -> dict | None:
+    if optimizer is None:
+        return None
+    state_dict = optimizer.state_dict()
+    meta = {"param_groups": state_dict["param_groups"], "state": {}}
+    for index, values in state_dict["state"].items():
+        meta["state"][str(index)] = sorted(values)
+        for key, value in values.items():
+            tensors[f"opt.{index}.{key}"] = torch.as_tensor(value)
+    return meta
+
+
+def _optimizer_from(tensors: dict[str, torch.Tensor], meta: dict | None) -> dict | None:
+    if meta is None:
+        return None
+    return {
+        "param_groups": meta["param_groups"],
+        "state": {
+            int(index): {key: tensors[f"opt.{index}.{key}"] for key in keys}
+            for index, keys in meta["state"].items()
+        },
+    }
+
+
+def _teacher_cache(work: WorkDir | None, compute) -> TeacherCache:
+    """The teacher cache of this run: from the working directory, or computed and saved."""
+    saved = work.load(TEACHER) if work is not None else None
+    if saved is not None:
+        LOG.info("teacher cache reused from %s", work.file(TEACHER))
+        return TeacherCache.from_state(*saved)
+    cache = compute()
+    if work is not None:
+        save_state(work.file(TEACHER), *cache.to_state())
+    return cache
+
+
 def calibrate(
     plan: ExpertMergePlan,
     checked: Checked,
     options: MergeOptions,
     lora_cache: str,
+    work: WorkDir | None = None,
 ) -> tuple[CoefficientArtifact, dict]:
-    """Teacher pass, initial-alpha search and coefficient training."""
+    """Teacher pass, initial-alpha search and coefficient training (resumable)."""
     settings = plan.calibration
     device = options.device or "cpu"
     quiet = options.quiet
     torch.manual_seed(settings.seed)
     clock = StageClock()
     trust = options.trust_remote_code
+    names_of_experts = [e.name for e in plan.experts]
     merged_refs = [
         e.reference.merged(
             cache_dir=lora_cache,
@@ -267,23 +391,28 @@ def calibrate(
     expert_dirs = [
         r.local_path(cache_dir=options.transformers_cache) for r in merged_refs
     ]
+    hidden_layers = checked.hidden_layers if settings.hidden_weight > 0 else []
     with clock.stage("teacher"):
-        cache = run_teachers(
-            expert_dirs,
-            [
-                _tokenizer_candidates(d, e.reference, base_dir)
-                for d, e in zip(expert_dirs, plan.experts)
-            ],
-            checked.records,
-            hidden_layers=checked.hidden_layers if settings.hidden_weight > 0 else [],
-            max_length=settings.max_length,
-            max_new_tokens=settings.max_new_tokens,
-            device=device,
-            trust_remote_code=trust,
-            quiet=quiet,
+        cache = _teacher_cache(
+            work,
+            lambda: run_teachers(
+                expert_dirs,
+                [
+                    _tokenizer_candidates(d, e.reference, base_dir)
+                    for d, e in zip(expert_dirs, plan.experts)
+                ],
+                checked.records,
+                hidden_layers=hidden_layers,
+                max_length=settings.max_length,
+                max_new_tokens=settings.max_new_tokens,
+                device=device,
+                trust_remote_code=trust,
+                quiet=quiet,
+                expert_names=names_of_experts,
+            ),
         )
     task_weights = [e.task_weight for e in plan.experts]
-    hidden_layers = checked.hidden_layers if settings.hidden_weight > 0 else []
+    checkpointer = Checkpointer(work)
     with clock.stage("student_setup"):
         model = load_causal_lm(base_dir, device, trust)
         names = select_weights(
@@ -293,15 +422,15 @@ def calibrate(
             raise ExpertMergingError(
                 "calibration.exclude excludes every weight of the model; nothing to calibrate"
             )
-        task_vectors = load_task_vectors(names, model, expert_dirs)
-        init_values = plan.init_values()
+        task_vectors = load_task_vectors(names, model, expert_dirs, names_of_experts)
+        init_values = checkpointer.done.get("init") or plan.init_values()
         student = Student(
             model,
             task_vectors,
             init_values or [settings.init_grid[0]] * len(plan.experts),
             activation=settings.activation,
         )
-    curve = []
+    curve = checkpointer.done.get("init_curve", [])
     if init_values is None:
         with clock.stage("init_search"):
             best, curve = search_init(
@@ -311,16 +440,34 @@ def calibrate(
         student.reset(init_values)
         LOG.info("init: auto chose alpha=%s", best)
     init_values = list(student.init)
-    with clock.stage("stage1"):
-        stage1 = train_coefficients(
-            student,
-            cache,
-            settings,
-            hidden_layers,
-            task_weights,
-            desc="Stage 1",
-            quiet=quiet,
-        )
+    checkpointer.done.update({"init": init_values, "init_curve": curve})
+    train = functools.partial(
+        train_coefficients,
+        student,
+        cache,
+        settings,
+        hidden_layers,
+        task_weights,
+        quiet=quiet,
+        expert_names=names_of_experts,
+    )
+    if "stage1" in checkpointer.done:
+        stage1 = TrainHistory(**checkpointer.done["stage1"])
+        stage1_raw = _prefixed(checkpointer.tensors, "stage1_raw.")
+        with torch.no_grad():
+            for name, w in student.raw.items():
+                w.copy_(stage1_raw[name])
+        student.load()
+    else:
+        with clock.stage("stage1"):
+            stage1 = train(
+                desc="Stage 1",
+                resume=checkpointer.resume_for("stage1"),
+                on_step=checkpointer.hook("stage1"),
+            )
+        stage1_raw = {name: w.detach().clone() for name, w in student.raw.items()}
+        checkpointer.done["stage1"] = dict(stage1.__dict__)
+        checkpointer.tensors = {f"stage1_raw.{n}": t for n, t in stage1_raw.items()}
     alphas = student.all_alphas()
     losses = {
         "task_arithmetic_init": stage1.alignment[0],
@@ -330,8 +477,11 @@ def calibrate(
     allocation = None
     if plan.method == "expert_merging_pp":
         with clock.stage("stage2"):
-            allocation, stage2 = run_stage2(
-                student, alphas, cache, settings, hidden_layers, task_weights, quiet
+            allocation = prepare_stage2(student, alphas, stage1_raw, settings)
+            stage2 = train(
+                desc="Stage 2",
+                resume=checkpointer.resume_for("stage2"),
+                on_step=checkpointer.hook("stage2"),
             )
         alphas = student.all_alphas()
         losses["stage2"] = stage2.best_alignment
@@ -343,14 +493,30 @@ def calibrate(
         coefficients=alphas,
         method=plan.method,
         base=str(plan.base),
-        experts=[e.name for e in plan.experts],
+        experts=names_of_experts,
         init=init_values,
     )
+    low, high = settings.sane_range
+    outside = {
+        name: [
+            [k, s, float(a[k, s])]
+            for k, s in ((a < low) | (a > high)).nonzero().tolist()
+        ]
+        for name, a in alphas.items()
+        if bool(((a < low) | (a > high)).any())
+    }
+    if outside:
+        LOG.warning(
+            "%d weights have coefficients outside calibration.sane_range %s: %s",
+            len(outside),
+            settings.sane_range,
+            ", ".join(sorted(outside)[:5]),
+        )
     report = {
         "format": "mergekit-expert-report/1",
         "method": plan.method,
         "base": str(plan.base),
-        "experts": [e.name for e in plan.experts],
+        "experts": names_of_experts,
         "task_weights": task_weights,
         "init": init_values,
         "init_curve": curve,
@@ -363,6 +529,7 @@ def calibrate(
         **stages,
         "pseudo_labels": cache.pseudo_labels,
         "truncated_samples": sum(s.truncated for s in cache.samples),
+        "coefficients_outside_sane_range": outside,
         "mean_alpha": _mean_alpha(alphas, len(plan.experts)),
         "coefficients": {name: a.tolist() for name, a in alphas.items()},
         "stages": clock.stages,
@@ -380,17 +547,14 @@ def calibrate(
     return artifact, report
 
 
-def run_stage2(
-    student, stage1_alphas, cache, settings, hidden_layers, task_weights, quiet
-):
-    """Importance-guided chunking, then chunk coefficients trained on the same cache."""
+def prepare_stage2(student, stage1_alphas, stage1_raw, settings) -> Allocation:
+    """Importance-guided chunking of the student for stage 2 (same teacher cache)."""
     numels = {name: tau.shape[1] for name, tau in student.task_vectors.items()}
     importance = layer_importance(
         stage1_alphas, mean_abs_task_vectors(student.task_vectors), numels
     )
     allocation = allocate_chunks(importance, numels, settings.budget, settings.kappa)
     init = student.init
-    stage1_raw = {name: w.detach().clone() for name, w in student.raw.items()}
     warm = settings.stage2_init == "warm"
     fixed = {
         name: stage1_alphas[name] if warm else torch.tensor(init)[:, None]
@@ -410,16 +574,7 @@ def run_stage2(
         allocation.budget,
         len(fixed),
     )
-    history = train_coefficients(
-        student,
-        cache,
-        settings,
-        hidden_layers,
-        task_weights,
-        desc="Stage 2",
-        quiet=quiet,
-    )
-    return allocation, history
+    return allocation
 
 
 def _history_report(history) -> dict:
@@ -467,37 +622,63 @@ def run_expert_merge(
     config_source: str | None = None,
     coefficients: str | None = None,
 ) -> None:
-    """The whole job: validate, calibrate (unless given coefficients), merge, report."""
+    """The whole job: validate, calibrate (unless given coefficients), merge, report.
+
+    The output is staged in ``OUT.partial`` and moved into place when complete;
+    a calibration that fails or is interrupted keeps its checkpoint there, and
+    running the same command again resumes from it.
+    """
     plan = parse_plan(document)
     checked = preflight(plan, options, coefficients)
-    existed = os.path.exists(out_path)
-    with tempfile.TemporaryDirectory(prefix="mergekit-expert-") as work:
-        lora_cache = options.lora_merge_cache or os.path.join(work, "lora")
-        merge_options = options.model_copy(update={"lora_merge_cache": lora_cache})
-        try:
-            report = None
-            if checked.artifact is not None:
-                artifact_file = coefficients or plan.coefficients
-                artifact = checked.artifact
-            else:
-                artifact, report = calibrate(plan, checked, merge_options, lora_cache)
-                artifact_file = os.path.join(work, ARTIFACT_NAME)
-                artifact.save(artifact_file)
-            merge_config = copy.deepcopy(plan.merge_config)
-            merge_config.parameters = {"coefficients": os.path.abspath(artifact_file)}
-            clock = StageClock()
-            with clock.stage("write"):
-                run_merge(
-                    merge_config,
-                    out_path,
-                    options=merge_options,
-                    config_source=config_source,
-                )
-            _finish(out_path, artifact, artifact_file, report, clock, options)
-        except BaseException:
-            if not existed and os.path.isdir(out_path):
-                shutil.rmtree(out_path, ignore_errors=True)
-            raise
+    references = [plan.base] + [e.reference for e in plan.experts]
+    model_paths = sorted(
+        {
+            p
+            for r in references
+            for p in (r.model.path, r.lora.path if r.lora else None)
+            if p and os.path.exists(p)
+        }
+    )
+    data_paths = (
+        [e.calibration for e in plan.experts] if checked.artifact is None else []
+    )
+    work = WorkDir(out_path, fingerprint(document, model_paths, data_paths))
+    work.open()
+    lora_cache = options.lora_merge_cache or work.file("lora")
+    merge_options = options.model_copy(update={"lora_merge_cache": lora_cache})
+    try:
+        report = None
+        if checked.artifact is not None:
+            artifact_file = coefficients or plan.coefficients
+            artifact = checked.artifact
+        else:
+            artifact, report = calibrate(plan, checked, merge_options, lora_cache, work)
+            artifact_file = work.file(ARTIFACT_NAME)
+            artifact.save(artifact_file)
+        merge_config = copy.deepcopy(plan.merge_config)
+        merge_config.parameters = {"coefficients": os.path.abspath(artifact_file)}
+        clock = StageClock()
+        with clock.stage("write"):
+            run_merge(
+                merge_config,
+                work.staging,
+                options=merge_options,
+                config_source=config_source,
+            )
+        _finish(work.staging, artifact, artifact_file, report, clock, options)
+        work.publish()
+    except BaseException:
+        shutil.rmtree(work.staging, ignore_errors=True)
+        if checked.artifact is not None or not os.path.exists(work.file(CHECKPOINT)):
+            shutil.rmtree(work.path, ignore_errors=True)
+        else:
+            LOG.error(
+                "the calibration state is kept in %s: run the same command again to "
+                "resume; %s was not changed",
+                work.path,
+                out_path,
+            )
+        raise
 
 
 def _finish(out_path, artifact, artifact_file, report, clock, options) -> None:

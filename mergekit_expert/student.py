@@ -101,7 +101,7 @@ class Student:
             else:
                 values = torch.tensor([[self.inverse(a)] * m for a in self.init])
             self.raw[name] = torch.nn.Parameter(
-                values.to(device=tau.device, dtype=torch.float32)
+                values.to(device=tau.device, dtype=torch.float32).clone()
             )
             self.weights[name].requires_grad_(True)
 

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import CalibrationRecord, Sample, make_sample, render
+from .errors import ExpertMergingError
 
 
 @dataclass
@@ -29,6 +30,46 @@ class TeacherCache:
     samples: list[Sample]
     targets: list[TeacherTargets]
     pseudo_labels: list[dict]
+
+    def to_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Tensors and JSON for the on-disk cache (safetensors, never pickle)."""
+        tensors, meta = {}, []
+        for i, (sample, target) in enumerate(zip(self.samples, self.targets)):
+            tensors[f"{i}.ids"] = sample.input_ids
+            tensors[f"{i}.logits"] = target.logits
+            for j, hidden in enumerate(target.hidden):
+                tensors[f"{i}.hidden.{j}"] = hidden
+            meta.append(
+                [
+                    sample.expert,
+                    sample.record.where,
+                    sample.response_start,
+                    sample.truncated,
+                    len(target.hidden),
+                ]
+            )
+        return tensors, {"samples": meta, "pseudo_labels": self.pseudo_labels}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], state: dict) -> TeacherCache:
+        samples, targets = [], []
+        for i, (expert, where, start, truncated, layers) in enumerate(state["samples"]):
+            samples.append(
+                Sample(
+                    expert,
+                    CalibrationRecord(where),
+                    tensors[f"{i}.ids"],
+                    start,
+                    truncated,
+                )
+            )
+            targets.append(
+                TeacherTargets(
+                    tensors[f"{i}.logits"],
+                    [tensors[f"{i}.hidden.{j}"] for j in range(layers)],
+                )
+            )
+        return cls(samples, targets, state["pseudo_labels"])
 
 
 def has_tokenizer(path: str) -> bool:
@@ -106,6 +147,7 @@ def run_teachers(
     device: str,
     trust_remote_code: bool = False,
     quiet: bool = False,
+    expert_names: Sequence[str] | None = None,
 ) -> TeacherCache:
     """Label (where needed) and score every record with its own expert, one at a time."""
     samples: list[Sample] = []
@@ -134,8 +176,18 @@ def run_teachers(
                 sample = make_sample(
                     expert, record, prompt_ids, response_ids, max_length
                 )
+                target = score(model, sample.input_ids, hidden_layers)
+                if not all(
+                    bool(torch.isfinite(t).all())
+                    for t in [target.logits, *target.hidden]
+                ):
+                    name = expert_names[expert] if expert_names else path
+                    raise ExpertMergingError(
+                        f"expert {name} produced NaN or infinite outputs on calibration "
+                        f"sample {record.where}; check that expert's weights"
+                    )
                 samples.append(sample)
-                targets.append(score(model, sample.input_ids, hidden_layers))
+                targets.append(target)
                 progress.update(1)
             del model
             if device.startswith("cuda"):

@@ -120,6 +120,55 @@ def make_scheduler(optimizer, config: CalibrationConfig, total_steps: int):
     )
 
 
+@dataclass
+class LoopState:
+    """Everything the loop mutates, so a checkpoint can restore it exactly."""
+
+    epoch: int = 0
+    position: int = 0  # index in ``order`` of the next batch
+    order: list[int] | None = None  # this epoch's sample order
+    rng: list | None = None  # random.Random state for the next epochs' orders
+    epoch_total: float = 0.0
+    expert_sums: list[float] = field(default_factory=list)
+    expert_counts: list[int] = field(default_factory=list)
+    best_epoch_loss: float = math.inf
+    stale: int = 0
+    done: bool = False
+    history: TrainHistory = field(default_factory=TrainHistory)
+
+    def to_json(self) -> dict:
+        data = dict(self.__dict__)
+        data["history"] = dict(self.history.__dict__)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> LoopState:
+        data = dict(data)
+        history = TrainHistory(**data.pop("history"))
+        return cls(history=history, **data)
+
+
+@dataclass
+class Resume:
+    """A saved loop: its state, raw coefficients, kept snapshot and optimizer."""
+
+    loop: LoopState
+    raw: dict[str, torch.Tensor]
+    kept: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+
+
+def _check_finite(value: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(value).all()):
+        from .errors import ExpertMergingError
+
+        raise ExpertMergingError(
+            f"non-finite {what}; the last good checkpoint is kept. Check the experts' "
+            "weights and the calibration data, or lower calibration.lr"
+        )
+
+
 def train_coefficients(
     student: Student,
     cache: TeacherCache,
@@ -129,78 +178,121 @@ def train_coefficients(
     *,
     desc: str = "Stage 1",
     quiet: bool = False,
+    expert_names: Sequence[str] | None = None,
+    resume: Resume | None = None,
+    on_step=None,
 ) -> TrainHistory:
-    """Train the student's coefficients; returns the loss history."""
+    """Train the student's coefficients; returns the loss history.
+
+    ``on_step(state, student, optimizer, scheduler, kept)`` runs after every
+    optimizer step (and once at the start), e.g. to checkpoint; ``resume``
+    continues a loop saved that way, ending with the same coefficients as an
+    uninterrupted run.
+    """
     experts = len(task_weights)
+    names = list(expert_names or [str(k) for k in range(experts)])
     by_expert = [
         [i for i, s in enumerate(cache.samples) if s.expert == k]
         for k in range(experts)
     ]
-    rng = random.Random(config.seed)
     steps_per_epoch = math.ceil(len(cache.samples) / config.accumulation)
-    optimizer = torch.optim.AdamW(
-        student.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    params = student.parameters()
+    optimizer = (
+        torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        if params
+        else None
     )
-    scheduler = make_scheduler(optimizer, config, steps_per_epoch * config.epochs)
-    history = TrainHistory()
-    best, stale = math.inf, 0
-    student.load()
-    history.alignment.append(
-        alignment_loss(student, cache, config, hidden_layers, task_weights)[0]
+    scheduler = (
+        make_scheduler(optimizer, config, steps_per_epoch * config.epochs)
+        if params
+        else None
     )
-    kept = _snapshot(student)
-    if not student.raw:
-        return history  # every coefficient is fixed: nothing to train
-    progress = tqdm(total=steps_per_epoch * config.epochs, desc=desc, disable=quiet)
-    for _epoch in range(config.epochs):
-        order = [
-            by_expert[k][j] for k, j in epoch_order([len(b) for b in by_expert], rng)
-        ]
-        epoch_total, expert_sums, expert_counts = 0.0, [0.0] * experts, [0] * experts
-        for start in range(0, len(order), config.accumulation):
-            batch = order[start : start + config.accumulation]
-            student.zero_grad()
-            data_loss = 0.0
-            for index in batch:
-                expert = cache.samples[index].expert
-                loss = sample_loss(student, cache, index, config, hidden_layers)
-                # K/|batch| turns the sample mean into sum_k beta_k * mean_k.
-                (task_weights[expert] * loss * experts / len(batch)).backward()
-                data_loss += (
-                    task_weights[expert] * float(loss.detach()) * experts / len(batch)
-                )
-                expert_sums[expert] += float(loss.detach())
-                expert_counts[expert] += 1
-            grads = student.projected_grads()
-            alphas = student.alphas()
-            reg = config.reg_weight * regularizer(alphas, student.init)
-            surrogate = reg + sum((alphas[n] * grads[n]).sum() for n in alphas)
-            surrogate.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            student.load()
-            history.steps += 1
-            epoch_total += data_loss + float(reg.detach())
-            progress.update(1)
-            progress.set_postfix(loss=f"{data_loss + float(reg.detach()):.4f}")
-        epoch_loss = epoch_total / steps_per_epoch
-        history.epoch_loss.append(epoch_loss)
-        history.epoch_expert_loss.append(
-            [s / max(c, 1) for s, c in zip(expert_sums, expert_counts)]
+    if resume is None:
+        rng = random.Random(config.seed)
+        state = LoopState(expert_sums=[0.0] * experts, expert_counts=[0] * experts)
+        student.load()
+        state.history.alignment.append(
+            alignment_loss(student, cache, config, hidden_layers, task_weights)[0]
         )
-        aligned, _ = alignment_loss(student, cache, config, hidden_layers, task_weights)
-        history.alignment.append(aligned)
-        if aligned < history.best_alignment:
-            history.best_epoch = len(history.alignment) - 1
-            kept = _snapshot(student)
-        if epoch_loss < best - 1e-12:
-            best, stale = epoch_loss, 0
-        else:
-            stale += 1
-            if stale >= config.patience:
-                history.stopped_early = True
-                break
+        kept = _snapshot(student)
+        state.done = not params  # every coefficient fixed: nothing to train
+        if on_step is not None:
+            on_step(state, student, optimizer, scheduler, kept)
+    else:
+        state = resume.loop
+        rng = random.Random(config.seed)
+        if state.rng is not None:
+            rng.setstate(_as_tuple(state.rng))
+        with torch.no_grad():
+            for name, w in student.raw.items():
+                w.copy_(resume.raw[name])
+        kept = {name: t.clone() for name, t in resume.kept.items()}
+        if optimizer is not None:
+            optimizer.load_state_dict(resume.optimizer)
+            scheduler.load_state_dict(resume.scheduler)
+        student.load()
+    history = state.history
+    progress = tqdm(
+        total=steps_per_epoch * config.epochs,
+        initial=history.steps,
+        desc=desc,
+        disable=quiet,
+    )
+    while not state.done and state.epoch < config.epochs:
+        if state.order is None:
+            counts = [len(b) for b in by_expert]
+            state.order = [by_expert[k][j] for k, j in epoch_order(counts, rng)]
+            state.rng = list(rng.getstate())
+        batch = state.order[state.position : state.position + config.accumulation]
+        student.zero_grad()
+        data_loss = 0.0
+        for index in batch:
+            expert = cache.samples[index].expert
+            loss = sample_loss(student, cache, index, config, hidden_layers)
+            _check_finite(
+                loss.detach(),
+                f"loss in {desc}, step {history.steps + 1}, expert {names[expert]}, "
+                f"sample {cache.samples[index].record.where}",
+            )
+            # K/|batch| turns the sample mean into sum_k beta_k * mean_k.
+            (task_weights[expert] * loss * experts / len(batch)).backward()
+            data_loss += (
+                task_weights[expert] * float(loss.detach()) * experts / len(batch)
+            )
+            state.expert_sums[expert] += float(loss.detach())
+            state.expert_counts[expert] += 1
+        grads = student.projected_grads()
+        for name, grad in grads.items():
+            _check_finite(
+                grad,
+                f"coefficient gradient of {name} in {desc}, step {history.steps + 1}",
+            )
+        alphas = student.alphas()
+        reg = config.reg_weight * regularizer(alphas, student.init)
+        surrogate = reg + sum((alphas[n] * grads[n]).sum() for n in alphas)
+        surrogate.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        student.load()
+        history.steps += 1
+        state.epoch_total += data_loss + float(reg.detach())
+        state.position += len(batch)
+        progress.update(1)
+        progress.set_postfix(loss=f"{data_loss + float(reg.detach()):.4f}")
+        if state.position >= len(state.order):
+            kept = _end_epoch(
+                state,
+                student,
+                cache,
+                config,
+                hidden_layers,
+                task_weights,
+                steps_per_epoch,
+                kept,
+            )
+        if on_step is not None:
+            on_step(state, student, optimizer, scheduler, kept)
     progress.close()
     with torch.no_grad():
         for name, w in student.raw.items():
@@ -208,6 +300,39 @@ def train_coefficients(
     student.load()
     student.zero_grad()
     return history
+
+
+def _end_epoch(
+    state, student, cache, config, hidden_layers, task_weights, steps_per_epoch, kept
+):
+    """Epoch bookkeeping: history, best-aligned snapshot, early stopping."""
+    history = state.history
+    epoch_loss = state.epoch_total / steps_per_epoch
+    history.epoch_loss.append(epoch_loss)
+    history.epoch_expert_loss.append(
+        [s / max(c, 1) for s, c in zip(state.expert_sums, state.expert_counts)]
+    )
+    aligned, _ = alignment_loss(student, cache, config, hidden_layers, task_weights)
+    history.alignment.append(aligned)
+    if aligned < history.best_alignment:
+        history.best_epoch = len(history.alignment) - 1
+        kept = _snapshot(student)
+    if epoch_loss < state.best_epoch_loss - 1e-12:
+        state.best_epoch_loss, state.stale = epoch_loss, 0
+    else:
+        state.stale += 1
+        if state.stale >= config.patience:
+            history.stopped_early = True
+            state.done = True
+    experts = len(state.expert_sums)
+    state.epoch += 1
+    state.position, state.order, state.epoch_total = 0, None, 0.0
+    state.expert_sums, state.expert_counts = [0.0] * experts, [0] * experts
+    return kept
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, list) else value
 
 
 def _snapshot(student: Student) -> dict[str, torch.Tensor]:
