@@ -24,12 +24,19 @@ from .methods import METHOD_NAMES
     default=None,
     help="Merge from this coefficients.safetensors artifact instead of calibrating.",
 )
+@click.option(
+    "--allow-pickle",
+    is_flag=True,
+    default=False,
+    help="Accept pickle-only (.bin) checkpoints; unpickling can run code.",
+)
 @add_merge_options
 def main(
     merge_options: MergeOptions,
     config_file: str,
     out_path: str,
     coefficients: str | None,
+    allow_pickle: bool,
 ):
     """Merge the models of CONFIG_FILE into OUT_PATH.
 
@@ -67,6 +74,7 @@ def main(
             merge_options,
             config_source=config_source,
             coefficients=coefficients,
+            allow_pickle=allow_pickle,
         )
     except ExpertMergingError as error:
         raise click.ClickException(f"{config_file}: {error}") from None

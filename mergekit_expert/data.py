@@ -11,6 +11,7 @@ pseudo-label, see :mod:`mergekit_expert.teacher`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 from collections.abc import Iterator, Sequence
@@ -208,6 +209,12 @@ def choose_records(
                 f"{count}; add records, lower calibration.samples_per_expert, or set "
                 "calibration.allow_fewer_samples: true"
             )
+        logging.getLogger(__name__).warning(
+            "%s has %d records, fewer than samples_per_expert=%d; using them all",
+            source,
+            len(records),
+            count,
+        )
         return list(records)
     if len(records) == count:
         return list(records)

@@ -120,12 +120,42 @@ def _header_shapes(path: str) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_weight_format(directory: str, what: str, allow_pickle: bool) -> None:
+    """Refuse pickle-only checkpoints (loading them can run code) unless allowed."""
+    names = os.listdir(directory)
+    if any(name.endswith(".safetensors") for name in names):
+        return
+    pickled = sorted(name for name in names if name.endswith(PICKLE_SUFFIXES))
+    if not pickled:
+        return
+    if not allow_pickle:
+        raise ExpertMergingError(
+            f"{what} {directory} has only pickle weights ({pickled[0]}); unpickling can "
+            "run arbitrary code. Convert it to safetensors, or pass --allow-pickle if "
+            "you trust the files"
+        )
+    LOG.warning("reading pickle weights of %s %s (--allow-pickle)", what, directory)
+
+
 def preflight(
-    plan: ExpertMergePlan, options: MergeOptions, coefficients: str | None
+    plan: ExpertMergePlan,
+    options: MergeOptions,
+    coefficients: str | None,
+    allow_pickle: bool = False,
 ) -> Checked:
     """Every check that needs no model weights; raises ExpertMergingError."""
     trust = options.trust_remote_code
     references = [plan.base] + [e.reference for e in plan.experts]
+    for reference in references:
+        for path, what in (
+            (reference.model.path, "model"),
+            (reference.lora.path if reference.lora else None, "LoRA adapter"),
+        ):
+            if path and os.path.isdir(path):
+                check_weight_format(path, what, allow_pickle)
     configs = {}
     for reference in references:
         if (
@@ -525,6 +555,7 @@ def calibrate(
         "calibration": settings.model_dump(),
         "device": device,
         "loss": losses,
+        "resumed": checkpointer.saved is not None,
         "expert_loss_final": final_expert,
         **stages,
         "pseudo_labels": cache.pseudo_labels,
@@ -621,6 +652,7 @@ def run_expert_merge(
     *,
     config_source: str | None = None,
     coefficients: str | None = None,
+    allow_pickle: bool = False,
 ) -> None:
     """The whole job: validate, calibrate (unless given coefficients), merge, report.
 
@@ -629,7 +661,7 @@ def run_expert_merge(
     running the same command again resumes from it.
     """
     plan = parse_plan(document)
-    checked = preflight(plan, options, coefficients)
+    checked = preflight(plan, options, coefficients, allow_pickle)
     references = [plan.base] + [e.reference for e in plan.experts]
     model_paths = sorted(
         {

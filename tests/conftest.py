@@ -9,7 +9,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import mergekit_expert  # noqa: F401  (registers the methods)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: never try the network
+
+import mergekit_expert  # noqa: E402, F401  (registers the methods)
 
 CORPUS = [
     "def add(a, b):\n    return a + b\n",

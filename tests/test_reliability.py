@@ -1,0 +1,217 @@
+"""Resume after SIGKILL, atomic output, guarded numerics, determinism, pickle refusal."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from conftest import expert_config
+from mergekit_expert.cli import main
+
+LONG = {"epochs": 10, "patience": 100, "budget": 3.0}
+
+
+def write_config(tmp_path, document, name="merge.yml") -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(document))
+    return str(path)
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, [*args, "--quiet"], catch_exceptions=False)
+
+
+def artifact(out) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(out, "expert_merging", "coefficients.safetensors"))
+
+
+def checkpoint_state(out) -> dict | None:
+    path = str(out) + ".partial/checkpoint.safetensors"
+    try:
+        with safe_open(path, "pt") as handle:
+            return json.loads(handle.metadata()["state"])
+    except Exception:
+        return None
+
+
+def run_until_killed(config, out, phase, steps, timeout=240.0) -> None:
+    """Start the CLI in a subprocess and SIGKILL it once the checkpoint reaches a step."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mergekit_expert", config, str(out), "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline:
+            state = checkpoint_state(out)
+            if (
+                state
+                and state["phase"] == phase
+                and state["loop"]["history"]["steps"] >= steps
+            ):
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                return
+            if process.poll() is not None:
+                pytest.fail(
+                    f"the run ended (rc={process.returncode}) before reaching {phase} step {steps}"
+                )
+            time.sleep(0.01)
+        pytest.fail("timed out waiting for the checkpoint")
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_sigkill_in_stage1_and_stage2_then_resume_is_identical(tiny, tmp_path):
+    document = expert_config(tiny, method="expert_merging_pp", calibration=LONG)
+    config = write_config(tmp_path, document)
+    reference = tmp_path / "reference"
+    assert run_cli(config, str(reference)).exit_code == 0
+
+    out = tmp_path / "out"
+    run_until_killed(config, out, "stage1", steps=3)
+    assert not out.exists(), "an interrupted run must not leave OUT"
+    run_until_killed(config, out, "stage2", steps=2)
+    assert not out.exists()
+    result = run_cli(config, str(out))
+    assert result.exit_code == 0, result.output
+    assert not os.path.exists(str(out) + ".partial"), "the working directory is removed"
+    expected, got = artifact(reference), artifact(out)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    ref_model = load_file(os.path.join(reference, "model.safetensors"))
+    out_model = load_file(os.path.join(out, "model.safetensors"))
+    for name in ref_model:
+        assert torch.equal(ref_model[name], out_model[name]), name
+
+
+def test_changed_config_invalidates_the_checkpoint(tiny, tmp_path):
+    document = expert_config(tiny, calibration=LONG)
+    config = write_config(tmp_path, document)
+    out = tmp_path / "out"
+    run_until_killed(config, out, "stage1", steps=2)
+    document["calibration"]["reg_weight"] = 0.5
+    changed = write_config(tmp_path, document, "changed.yml")
+    result = CliRunner().invoke(main, [changed, str(out)], catch_exceptions=False)
+    assert result.exit_code == 0
+    report = json.load(open(out / "expert_merging" / "report.json"))
+    assert report["calibration"]["reg_weight"] == 0.5 and not report["resumed"]
+    # A fresh start trains every step of every epoch again.
+    assert report["stage1"]["optimizer_steps"] == 10 * 2
+
+
+def tree_digest(path) -> dict[str, str]:
+    digests = {}
+    for root, _, names in os.walk(path):
+        for name in names:
+            full = os.path.join(root, name)
+            digests[os.path.relpath(full, path)] = hashlib.sha256(
+                open(full, "rb").read()
+            ).hexdigest()
+    return digests
+
+
+def test_failure_during_write_keeps_existing_out(tiny, tmp_path, monkeypatch):
+    from mergekit.io.tensor_writer import TensorWriter
+
+    config = write_config(tmp_path, expert_config(tiny, calibration={"epochs": 1}))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"previous model")
+    (out / "notes.txt").write_text("keep me")
+    before = tree_digest(out)
+
+    real_save = TensorWriter.save_tensor
+    calls = {"n": 0}
+
+    def failing_save(self, name, tensor, clone=False):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError("disk full (injected)")
+        return real_save(self, name, tensor, clone)
+
+    monkeypatch.setattr(TensorWriter, "save_tensor", failing_save)
+    result = CliRunner().invoke(main, [config, str(out), "--quiet"])
+    assert result.exit_code != 0 and calls["n"] == 5
+    assert tree_digest(out) == before, "a failed write must leave OUT byte-identical"
+    staging = os.path.join(str(out) + ".partial", "out")
+    assert not os.path.exists(staging), "no half-written output is kept"
+    monkeypatch.setattr(TensorWriter, "save_tensor", real_save)
+    # Calibration had finished: the rerun resumes and only writes.
+    assert run_cli(config, str(out)).exit_code == 0
+    assert not (out / "notes.txt").exists(), "OUT is replaced as a whole"
+    report = json.load(open(out / "expert_merging" / "report.json"))
+    assert report["resumed"], "the finished calibration is resumed, not redone"
+    assert report["stage1"]["optimizer_steps"] == 2
+
+
+def test_nan_in_an_expert_is_named(tiny, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny.experts[1], broken)
+    tensors = load_file(str(broken / "model.safetensors"))
+    tensors["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    document = expert_config(tiny, lora=False)
+    document["models"][1]["model"] = str(broken)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main, [write_config(tmp_path, document), str(out), "--quiet"]
+    )
+    assert result.exit_code != 0
+    assert str(broken) in result.output and "NaN" in result.output
+    assert not out.exists()
+
+
+def test_same_seed_gives_bit_identical_coefficients(tiny, tmp_path):
+    document = expert_config(
+        tiny, method="expert_merging_pp", calibration={"epochs": 2, "budget": 2.0}
+    )
+    config = write_config(tmp_path, document)
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert run_cli(config, str(first)).exit_code == 0
+    assert run_cli(config, str(second)).exit_code == 0
+    a, b = artifact(first), artifact(second)
+    assert a.keys() == b.keys()
+    for name in a:  # bit for bit, not merely close
+        assert a[name].numpy().tobytes() == b[name].numpy().tobytes(), name
+    report = json.load(open(first / "expert_merging" / "report.json"))
+    assert set(report["versions"]) == {
+        "mergekit_expert",
+        "mergekit",
+        "torch",
+        "transformers",
+    }
+
+
+def test_pickle_checkpoints_need_an_explicit_flag(tiny, tmp_path):
+    import shutil
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny.experts[0], pickled)
+    tensors = load_file(str(pickled / "model.safetensors"))
+    os.remove(pickled / "model.safetensors")
+    torch.save(tensors, pickled / "pytorch_model.bin")  # a legacy pickle checkpoint
+    document = expert_config(tiny, lora=False)
+    document["models"][0]["model"] = str(pickled)
+    config = write_config(tmp_path, document)
+    result = CliRunner().invoke(main, [config, str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code != 0
+    assert "pytorch_model.bin" in result.output and "--allow-pickle" in result.output
+    assert not (tmp_path / "out").exists()
