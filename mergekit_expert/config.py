@@ -62,6 +62,7 @@ class CalibrationConfig(BaseModel):
     exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDE))
     seed: int = 0
     sane_range: tuple[float, float] = (-1.0, 2.0)
+    task_vectors: Literal["auto", "resident", "streamed"] = "auto"
     # Expert Merging++ (stage 2); ignored by expert_merging.
     budget: float = Field(1.0, gt=0)
     kappa: float = Field(1.2, ge=0)

@@ -35,15 +35,6 @@ class Allocation:
         return {n: m for n, m in self.chunks.items() if m > 0}
 
 
-def mean_abs_task_vectors(
-    task_vectors: Mapping[str, torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """mean|tau_k(l)| per weight, [K] each (computed once; works on streamed rows too)."""
-    return {
-        name: tau.abs().mean(dim=1).double().cpu() for name, tau in task_vectors.items()
-    }
-
-
 def layer_importance(
     alphas: Mapping[str, torch.Tensor],
     mean_abs: Mapping[str, torch.Tensor],

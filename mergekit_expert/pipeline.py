@@ -36,11 +36,17 @@ from .importance import (
     Allocation,
     allocate_chunks,
     layer_importance,
-    mean_abs_task_vectors,
 )
 from .methods import load_artifact_cached
 from .report import card_section, plot_coefficients, write_json
 from .student import Student, check_hidden_layers, select_weights
+from .task_vectors import (
+    CheckpointReader,
+    ResidentTaskVectors,
+    StreamedTaskVectors,
+    TaskVectors,
+    choose_mode,
+)
 from .teacher import TeacherCache, has_tokenizer, load_causal_lm, run_teachers
 from .train import (
     LoopState,
@@ -256,43 +262,48 @@ def _tokenizer_candidates(
 
 
 def load_task_vectors(
+    mode: str,
     names: Sequence[str],
     base_model: torch.nn.Module,
+    base_dir: str,
     expert_dirs: Sequence[str],
     expert_names: Sequence[str],
-) -> dict[str, torch.Tensor]:
-    """tau_k = expert_k - base for each weight, stacked as [K, numel] float32."""
-    from mergekit.io import LazyTensorLoader, ShardedTensorIndex
-
+) -> TaskVectors:
+    """The base and tau_k = expert_k - base of each calibrated weight, resident or streamed."""
     params = dict(base_model.named_parameters())
-    loaders = [LazyTensorLoader(ShardedTensorIndex.from_disk(d)) for d in expert_dirs]
-    result = {}
+    device = params[names[0]].device
+    mode = choose_mode(
+        mode, sum(params[n].numel() for n in names), len(expert_dirs), device
+    )
+    if mode == "streamed":
+        return StreamedTaskVectors(base_dir, expert_dirs, expert_names, names)
+    readers = [
+        CheckpointReader(d, f"expert {n}") for d, n in zip(expert_dirs, expert_names)
+    ]
+    base, stacked = {}, {}
     for name in names:
-        base = params[name].detach().reshape(-1).to(torch.float32)
-        if not bool(torch.isfinite(base).all()):
+        flat = params[name].detach().reshape(-1).to(torch.float32)
+        if not bool(torch.isfinite(flat).all()):
             raise ExpertMergingError(
                 f"the base model's tensor {name} holds NaN or infinite values"
             )
         rows = []
-        for expert, loader in zip(expert_names, loaders):
-            if name not in loader.index.tensor_paths:
-                raise ExpertMergingError(f"expert {expert} has no tensor {name}")
-            tensor = loader.get_tensor(name, device=str(base.device)).to(torch.float32)
-            if tensor.numel() != base.numel():
+        for expert, reader in zip(expert_names, readers):
+            tensor = reader.get(name).to(flat.device)
+            if tensor.numel() != flat.numel():
                 raise ExpertMergingError(
                     f"tensor {name} has {tensor.numel()} elements in expert {expert} but "
-                    f"{base.numel()} in the base"
+                    f"{flat.numel()} in the base"
                 )
             if not bool(torch.isfinite(tensor).all()):
                 raise ExpertMergingError(
                     f"expert {expert}'s tensor {name} holds NaN or infinite values; "
                     "fix or re-export that checkpoint"
                 )
-            rows.append(tensor.reshape(-1) - base)
-        result[name] = torch.stack(rows)
-    for loader in loaders:
-        loader.flush()
-    return result
+            rows.append(tensor.reshape(-1) - flat)
+        base[name] = flat.clone()
+        stacked[name] = torch.stack(rows)
+    return ResidentTaskVectors(base, stacked)
 
 
 class Checkpointer:
@@ -452,7 +463,9 @@ def calibrate(
             raise ExpertMergingError(
                 "calibration.exclude excludes every weight of the model; nothing to calibrate"
             )
-        task_vectors = load_task_vectors(names, model, expert_dirs, names_of_experts)
+        task_vectors = load_task_vectors(
+            settings.task_vectors, names, model, base_dir, expert_dirs, names_of_experts
+        )
         init_values = checkpointer.done.get("init") or plan.init_values()
         student = Student(
             model,
@@ -580,10 +593,9 @@ def calibrate(
 
 def prepare_stage2(student, stage1_alphas, stage1_raw, settings) -> Allocation:
     """Importance-guided chunking of the student for stage 2 (same teacher cache)."""
-    numels = {name: tau.shape[1] for name, tau in student.task_vectors.items()}
-    importance = layer_importance(
-        stage1_alphas, mean_abs_task_vectors(student.task_vectors), numels
-    )
+    vectors = student.task_vectors
+    numels = {name: vectors.numel(name) for name in vectors.names}
+    importance = layer_importance(stage1_alphas, vectors.mean_abs(), numels)
     allocation = allocate_chunks(importance, numels, settings.budget, settings.kappa)
     init = student.init
     warm = settings.stage2_init == "warm"

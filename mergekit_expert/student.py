@@ -16,6 +16,7 @@ import torch
 
 from .coefficients import chunk_count, expand_chunks, reduce_chunks
 from .errors import ExpertMergingError
+from .task_vectors import ResidentTaskVectors, TaskVectors
 
 EPSILON = 1e-4
 
@@ -46,24 +47,24 @@ class Student:
     def __init__(
         self,
         model: torch.nn.Module,
-        task_vectors: Mapping[str, torch.Tensor],
+        task_vectors: TaskVectors | Mapping[str, torch.Tensor],
         init: Sequence[float],
         activation: str = "sigmoid",
         chunks: Mapping[str, int] | None = None,
         start: Mapping[str, torch.Tensor] | None = None,
     ):
-        """``task_vectors[name]`` is [K, numel]; see :meth:`reset` for the rest."""
+        """``task_vectors``: a TaskVectors, or {name: [K, numel]} with the base
+        taken from the model's current weights; see :meth:`reset` for the rest."""
         self.model = model
         self.activation, self.inverse = activation_fns(activation)
         params = dict(model.named_parameters())
         for parameter in params.values():
             parameter.requires_grad_(False)
-        self.weights = {name: params[name] for name in task_vectors}
-        self.base = {
-            name: weight.detach().reshape(-1).clone()
-            for name, weight in self.weights.items()
-        }
-        self.task_vectors = dict(task_vectors)
+        if not isinstance(task_vectors, TaskVectors):
+            base = {n: params[n].detach().reshape(-1).clone() for n in task_vectors}
+            task_vectors = ResidentTaskVectors(base, task_vectors)
+        self.task_vectors = task_vectors
+        self.weights = {name: params[name] for name in task_vectors.names}
         self.raw: dict[str, torch.nn.Parameter] = {}
         self.fixed: dict[str, torch.Tensor] = {}
         self.reset(init, chunks, start)
@@ -88,12 +89,13 @@ class Student:
             float(self.activation(torch.tensor(self.inverse(float(a))))) for a in init
         ]
         self.raw, self.fixed = {}, {}
-        for name, tau in self.task_vectors.items():
+        for name in self.task_vectors.names:
+            device = self.weights[name].device
             if fixed is not None and name in fixed:
-                self.fixed[name] = fixed[name].detach().to(tau.device, torch.float32)
+                self.fixed[name] = fixed[name].detach().to(device, torch.float32)
                 self.weights[name].requires_grad_(False)
                 continue
-            m = chunk_count(tau.shape[1], (chunks or {}).get(name, 1))
+            m = chunk_count(self.task_vectors.numel(name), (chunks or {}).get(name, 1))
             if start is not None and name in start:
                 values = start[name].detach().to(torch.float32).cpu()
                 if values.shape[1] == 1 and m > 1:
@@ -101,7 +103,7 @@ class Student:
             else:
                 values = torch.tensor([[self.inverse(a)] * m for a in self.init])
             self.raw[name] = torch.nn.Parameter(
-                values.to(device=tau.device, dtype=torch.float32).clone()
+                values.to(device=device, dtype=torch.float32).clone()
             )
             self.weights[name].requires_grad_(True)
 
@@ -116,29 +118,24 @@ class Student:
     def all_alphas(self) -> dict[str, torch.Tensor]:
         """Every weight's coefficients, trainable and fixed, detached on the CPU."""
         merged = {**self.fixed, **self.alphas()}
-        return {name: merged[name].detach().cpu() for name in self.task_vectors}
+        return {name: merged[name].detach().cpu() for name in self.task_vectors.names}
 
     @torch.no_grad()
     def load(self, alphas: Mapping[str, torch.Tensor] | None = None) -> None:
         """Write base + sum_k sum_s alpha[k, s] * tau_k[chunk s] into the model."""
         alphas = {**self.fixed, **self.alphas()} if alphas is None else alphas
         for name, weight in self.weights.items():
-            merged = self.base[name].clone()
-            tau = self.task_vectors[name]
+            merged = self.task_vectors.base(name, weight.device).clone()
             coefficient = alphas[name].to(merged)
-            for k in range(tau.shape[0]):
-                merged.addcmul_(tau[k], expand_chunks(coefficient[k], merged.numel()))
+            for k, tau in enumerate(self.task_vectors.rows(name, weight.device)):
+                merged.addcmul_(tau, expand_chunks(coefficient[k], merged.numel()))
             weight.copy_(merged.view_as(weight))
 
     @torch.no_grad()
     def set_uniform(self, value: float) -> None:
         """Load plain task arithmetic with every coefficient equal to ``value``."""
-        self.load(
-            {
-                name: torch.full((t.shape[0], 1), value)
-                for name, t in self.task_vectors.items()
-            }
-        )
+        k = self.task_vectors.experts
+        self.load({name: torch.full((k, 1), value) for name in self.task_vectors.names})
 
     def zero_grad(self) -> None:
         for weight in self.weights.values():
@@ -157,8 +154,17 @@ class Student:
             if grad is None:
                 result[name] = torch.zeros_like(self.raw[name])
                 continue
-            product = self.task_vectors[name] * grad.reshape(1, -1).to(torch.float32)
-            result[name] = reduce_chunks(product, m)
+            grad = grad.reshape(-1).to(torch.float32)
+            if isinstance(self.task_vectors, ResidentTaskVectors):
+                product = self.task_vectors.stacked(name, grad.device) * grad
+                result[name] = reduce_chunks(product, m)
+            else:
+                result[name] = torch.stack(
+                    [
+                        reduce_chunks(tau * grad, m)
+                        for tau in self.task_vectors.rows(name, grad.device)
+                    ]
+                )
         return result
 
     def forward(
