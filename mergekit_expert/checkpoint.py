@@ -25,7 +25,6 @@ from safetensors.torch import save_file
 LOG = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.safetensors"
-TEACHER = "teacher.safetensors"
 
 
 def work_dir_for(out_path: str) -> str:

@@ -63,6 +63,10 @@ class CalibrationConfig(BaseModel):
     seed: int = 0
     sane_range: tuple[float, float] = (-1.0, 2.0)
     task_vectors: Literal["auto", "resident", "streamed"] = "auto"
+    teacher_top_k: int | None = Field(None, ge=1)
+    precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    gradient_checkpointing: bool = False
+    device_map: str | dict[str, str | int] | None = None
     # Expert Merging++ (stage 2); ignored by expert_merging.
     budget: float = Field(1.0, gt=0)
     kappa: float = Field(1.2, ge=0)

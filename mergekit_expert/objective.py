@@ -18,11 +18,16 @@ def logit_loss(
     teacher_logits: torch.Tensor,
     temperature: float = 1.0,
     mask: torch.Tensor | None = None,
+    indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """T^2 * KL(softmax(teacher/T) || softmax(student/T)), mean over aligned positions.
 
-    Logits are [T, V]; the mask selects positions (None: all).
+    Logits are [T, V]; the mask selects positions (None: all). With ``indices``
+    [T, k] the teacher gave only its top-k logits [T, k]: both distributions
+    are renormalized over those k tokens (k = V gives the full loss).
     """
+    if indices is not None:
+        student_logits = student_logits.gather(-1, indices)
     teacher = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
     student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     per_position = (teacher.exp() * (teacher - student)).sum(-1)

@@ -27,7 +27,7 @@ from mergekit.common import ModelReference
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 
-from .checkpoint import CHECKPOINT, TEACHER, WorkDir, fingerprint, save_state
+from .checkpoint import CHECKPOINT, WorkDir, fingerprint, save_state
 from .coefficients import ARTIFACT_DIR, ARTIFACT_NAME, CoefficientArtifact
 from .config import ExpertMergePlan, parse_plan
 from .data import CalibrationRecord, choose_records, load_records
@@ -47,7 +47,7 @@ from .task_vectors import (
     TaskVectors,
     choose_mode,
 )
-from .teacher import TeacherCache, has_tokenizer, load_causal_lm, run_teachers
+from .teacher import Placement, TeacherCache, has_tokenizer, run_teachers
 from .train import (
     LoopState,
     Resume,
@@ -391,16 +391,13 @@ def _optimizer_from(tensors: dict[str, torch.Tensor], meta: dict | None) -> dict
     }
 
 
-def _teacher_cache(work: WorkDir | None, compute) -> TeacherCache:
-    """The teacher cache of this run: from the working directory, or computed and saved."""
-    saved = work.load(TEACHER) if work is not None else None
-    if saved is not None:
-        LOG.info("teacher cache reused from %s", work.file(TEACHER))
-        return TeacherCache.from_state(*saved)
-    cache = compute()
-    if work is not None:
-        save_state(work.file(TEACHER), *cache.to_state())
-    return cache
+def resolve_precision(name: str, device: str) -> torch.dtype:
+    """``auto``: float32 on the CPU, bfloat16 on a GPU that supports it, else float16."""
+    if name != "auto":
+        return getattr(torch, name)
+    if not device.startswith("cuda"):
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def calibrate(
@@ -433,10 +430,18 @@ def calibrate(
         r.local_path(cache_dir=options.transformers_cache) for r in merged_refs
     ]
     hidden_layers = checked.hidden_layers if settings.hidden_weight > 0 else []
+    placement = Placement(
+        device=device,
+        dtype=resolve_precision(settings.precision, device),
+        device_map=settings.device_map,
+        gradient_checkpointing=settings.gradient_checkpointing,
+        trust_remote_code=trust,
+    )
     with clock.stage("teacher"):
-        cache = _teacher_cache(
-            work,
-            lambda: run_teachers(
+        teacher_dir = work.file("teacher") if work is not None else None
+        cache = TeacherCache.reopen(teacher_dir) if teacher_dir else None
+        if cache is None:
+            cache = run_teachers(
                 expert_dirs,
                 [
                     _tokenizer_candidates(d, e.reference, base_dir)
@@ -446,16 +451,16 @@ def calibrate(
                 hidden_layers=hidden_layers,
                 max_length=settings.max_length,
                 max_new_tokens=settings.max_new_tokens,
-                device=device,
-                trust_remote_code=trust,
+                placement=placement,
+                top_k=settings.teacher_top_k,
+                directory=teacher_dir,
                 quiet=quiet,
                 expert_names=names_of_experts,
-            ),
-        )
+            )
     task_weights = [e.task_weight for e in plan.experts]
     checkpointer = Checkpointer(work)
     with clock.stage("student_setup"):
-        model = load_causal_lm(base_dir, device, trust)
+        model = placement.load(base_dir, student=True)
         names = select_weights(
             [n for n, _ in model.named_parameters()], settings.exclude
         )
@@ -472,6 +477,7 @@ def calibrate(
             task_vectors,
             init_values or [settings.init_grid[0]] * len(plan.experts),
             activation=settings.activation,
+            autocast=placement.autocast,
         )
     curve = checkpointer.done.get("init_curve", [])
     if init_values is None:
@@ -567,6 +573,10 @@ def calibrate(
         "hidden_layers": hidden_layers,
         "calibration": settings.model_dump(),
         "device": device,
+        "precision": str(placement.dtype).replace("torch.", ""),
+        "task_vectors": "streamed"
+        if isinstance(task_vectors, StreamedTaskVectors)
+        else "resident",
         "loss": losses,
         "resumed": checkpointer.saved is not None,
         "expert_loss_final": final_expert,

@@ -8,6 +8,7 @@ never enter the autograd graph: memory stays at one model plus activations.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -52,10 +53,12 @@ class Student:
         activation: str = "sigmoid",
         chunks: Mapping[str, int] | None = None,
         start: Mapping[str, torch.Tensor] | None = None,
+        autocast=contextlib.nullcontext,
     ):
         """``task_vectors``: a TaskVectors, or {name: [K, numel]} with the base
         taken from the model's current weights; see :meth:`reset` for the rest."""
         self.model = model
+        self.autocast = autocast  # forward passes only; coefficient math stays fp32
         self.activation, self.inverse = activation_fns(activation)
         params = dict(model.named_parameters())
         for parameter in params.values():
@@ -171,11 +174,12 @@ class Student:
         self, input_ids: torch.Tensor, hidden_layers: Sequence[int]
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits [T, V] and the selected hidden states [T, D] of one sequence."""
-        output = self.model(
-            input_ids=input_ids[None].to(self.device),
-            output_hidden_states=bool(hidden_layers),
-            use_cache=False,
-        )
+        with self.autocast():
+            output = self.model(
+                input_ids=input_ids[None].to(self.device),
+                output_hidden_states=bool(hidden_layers),
+                use_cache=False,
+            )
         hidden = (
             [output.hidden_states[i][0] for i in hidden_layers] if hidden_layers else []
         )

@@ -8,11 +8,14 @@ own expert (the pseudo-label), in the same load.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .data import CalibrationRecord, Sample, make_sample, render
@@ -21,55 +24,94 @@ from .errors import ExpertMergingError
 
 @dataclass
 class TeacherTargets:
-    logits: torch.Tensor  # [T, V] float32, CPU
+    """An expert's outputs on one sample: full logits [T, V], or the top-k
+    values [T, k] with their vocabulary ``indices`` [T, k]; chosen hidden states."""
+
+    logits: torch.Tensor
     hidden: list[torch.Tensor] = field(default_factory=list)  # [T, D] per layer
+    indices: torch.Tensor | None = None
 
-
-@dataclass
-class TeacherCache:
-    samples: list[Sample]
-    targets: list[TeacherTargets]
-    pseudo_labels: list[dict]
-
-    def to_state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """Tensors and JSON for the on-disk cache (safetensors, never pickle)."""
-        tensors, meta = {}, []
-        for i, (sample, target) in enumerate(zip(self.samples, self.targets)):
-            tensors[f"{i}.ids"] = sample.input_ids
-            tensors[f"{i}.logits"] = target.logits
-            for j, hidden in enumerate(target.hidden):
-                tensors[f"{i}.hidden.{j}"] = hidden
-            meta.append(
-                [
-                    sample.expert,
-                    sample.record.where,
-                    sample.response_start,
-                    sample.truncated,
-                    len(target.hidden),
-                ]
-            )
-        return tensors, {"samples": meta, "pseudo_labels": self.pseudo_labels}
+    def tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {"logits": self.logits}
+        if self.indices is not None:
+            tensors["indices"] = self.indices
+        tensors.update({f"hidden.{j}": h for j, h in enumerate(self.hidden)})
+        return tensors
 
     @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor], state: dict) -> TeacherCache:
-        samples, targets = [], []
-        for i, (expert, where, start, truncated, layers) in enumerate(state["samples"]):
-            samples.append(
-                Sample(
-                    expert,
-                    CalibrationRecord(where),
-                    tensors[f"{i}.ids"],
-                    start,
-                    truncated,
-                )
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> TeacherTargets:
+        layers = sum(1 for key in tensors if key.startswith("hidden."))
+        return cls(
+            tensors["logits"],
+            [tensors[f"hidden.{j}"] for j in range(layers)],
+            tensors.get("indices"),
+        )
+
+
+class TeacherCache:
+    """Teacher targets of every calibration sample: in memory, or one safetensors
+    file per sample in ``directory``, read back on demand (never all in RAM)."""
+
+    INDEX = "index.json"
+
+    def __init__(self, directory: str | None = None):
+        self.directory = directory
+        self.samples: list[Sample] = []
+        self.pseudo_labels: list[dict] = []
+        self._targets: list[TeacherTargets] = []
+        if directory is not None:
+            os.makedirs(directory, exist_ok=True)
+
+    def add(self, sample: Sample, target: TeacherTargets) -> None:
+        index = len(self.samples)
+        self.samples.append(sample)
+        if self.directory is None:
+            self._targets.append(target)
+            return
+        tensors = {"ids": sample.input_ids, **target.tensors()}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, self._path(index))
+
+    def target(self, index: int) -> TeacherTargets:
+        if self.directory is None:
+            return self._targets[index]
+        with safe_open(self._path(index), framework="pt") as handle:
+            return TeacherTargets.from_tensors(
+                {k: handle.get_tensor(k) for k in handle.keys() if k != "ids"}
             )
-            targets.append(
-                TeacherTargets(
-                    tensors[f"{i}.logits"],
-                    [tensors[f"{i}.hidden.{j}"] for j in range(layers)],
-                )
+
+    def _path(self, index: int) -> str:
+        return os.path.join(self.directory, f"{index}.safetensors")
+
+    def finish(self) -> None:
+        """Write the index: the cache on disk is complete and can be reused."""
+        if self.directory is None:
+            return
+        meta = [
+            [s.expert, s.record.where, s.response_start, s.truncated]
+            for s in self.samples
+        ]
+        with open(
+            os.path.join(self.directory, self.INDEX), "w", encoding="utf-8"
+        ) as handle:
+            json.dump({"samples": meta, "pseudo_labels": self.pseudo_labels}, handle)
+
+    @classmethod
+    def reopen(cls, directory: str) -> TeacherCache | None:
+        """A complete cache written earlier in ``directory``, or None."""
+        index = os.path.join(directory, cls.INDEX)
+        if not os.path.exists(index):
+            return None
+        with open(index, encoding="utf-8") as handle:
+            state = json.load(handle)
+        cache = cls(directory)
+        cache.pseudo_labels = state["pseudo_labels"]
+        for i, (expert, where, start, truncated) in enumerate(state["samples"]):
+            with safe_open(cache._path(i), framework="pt") as handle:
+                ids = handle.get_tensor("ids")
+            cache.samples.append(
+                Sample(expert, CalibrationRecord(where), ids, start, truncated)
             )
-        return cls(samples, targets, state["pseudo_labels"])
+        return cache
 
 
 def has_tokenizer(path: str) -> bool:
@@ -91,13 +133,46 @@ def load_tokenizer(candidates: Sequence[str], trust_remote_code: bool = False):
     raise FileNotFoundError(f"no tokenizer found in {list(candidates)}")
 
 
-def load_causal_lm(path: str, device: str, trust_remote_code: bool = False):
-    from transformers import AutoModelForCausalLM
+@dataclass(frozen=True)
+class Placement:
+    """Where and in which precision calibration runs its models.
 
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, trust_remote_code=trust_remote_code
-    )
-    return model.to(device).eval()
+    Weights are held in ``dtype`` and forward passes run under autocast to it;
+    coefficient math (merging, projection, optimizer) always stays float32.
+    ``device_map`` shards a model over devices with accelerate.
+    """
+
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    device_map: str | dict | None = None
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+    def load(self, path: str, student: bool = False):
+        from transformers import AutoModelForCausalLM
+
+        kwargs = {"dtype": self.dtype, "trust_remote_code": self.trust_remote_code}
+        if self.device_map is not None:
+            kwargs["device_map"] = self.device_map
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if self.device_map is None:
+            model = model.to(self.device)
+        model.eval()
+        if student and self.gradient_checkpointing:
+            # HF recomputes activations only in training mode; calibration
+            # models have no active dropout, so train() changes nothing else.
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+            model.train()
+        return model
+
+    def autocast(self):
+        device_type = "cuda" if self.device.startswith("cuda") else "cpu"
+        enabled = self.dtype != torch.float32
+        return torch.autocast(
+            device_type=device_type, dtype=self.dtype, enabled=enabled
+        )
 
 
 @torch.no_grad()
@@ -124,16 +199,26 @@ def generate_response(
 
 @torch.no_grad()
 def score(
-    model, input_ids: torch.Tensor, hidden_layers: Sequence[int]
+    model,
+    input_ids: torch.Tensor,
+    hidden_layers: Sequence[int],
+    placement: Placement,
+    top_k: int | None = None,
 ) -> TeacherTargets:
+    """The teacher's logits (all, or the top k per position) and hidden states."""
     device = next(model.parameters()).device
-    output = model(
-        input_ids=input_ids[None].to(device),
-        output_hidden_states=bool(hidden_layers),
-        use_cache=False,
-    )
+    with placement.autocast():
+        output = model(
+            input_ids=input_ids[None].to(device),
+            output_hidden_states=bool(hidden_layers),
+            use_cache=False,
+        )
     hidden = [output.hidden_states[i][0].float().cpu() for i in hidden_layers]
-    return TeacherTargets(logits=output.logits[0].float().cpu(), hidden=hidden)
+    logits = output.logits[0].float()
+    if top_k is not None and top_k < logits.shape[-1]:
+        values, indices = logits.topk(top_k, dim=-1)
+        return TeacherTargets(values.cpu(), hidden, indices.cpu())
+    return TeacherTargets(logits=logits.cpu(), hidden=hidden)
 
 
 def run_teachers(
@@ -144,27 +229,32 @@ def run_teachers(
     hidden_layers: Sequence[int],
     max_length: int,
     max_new_tokens: int,
-    device: str,
-    trust_remote_code: bool = False,
+    placement: Placement,
+    top_k: int | None = None,
+    directory: str | None = None,
     quiet: bool = False,
     expert_names: Sequence[str] | None = None,
 ) -> TeacherCache:
-    """Label (where needed) and score every record with its own expert, one at a time."""
-    samples: list[Sample] = []
-    targets: list[TeacherTargets] = []
-    pseudo_labels: list[dict] = []
+    """Label (where needed) and score every record with its own expert, one at a time.
+
+    With ``directory`` each sample's targets go straight to disk, so RAM holds
+    one expert and one sample's outputs at a time.
+    """
+    cache = TeacherCache(directory)
     total = sum(len(r) for r in records)
     with tqdm(total=total, desc="Teacher pass", disable=quiet) as progress:
         for expert, (path, expert_records) in enumerate(zip(expert_paths, records)):
-            tokenizer = load_tokenizer(tokenizer_paths[expert], trust_remote_code)
-            model = load_causal_lm(path, device, trust_remote_code)
+            tokenizer = load_tokenizer(
+                tokenizer_paths[expert], placement.trust_remote_code
+            )
+            model = placement.load(path)
             for record in expert_records:
                 prompt_ids, response_ids = render(record, tokenizer)
                 if response_ids is None:
                     response_ids = generate_response(
                         model, tokenizer, prompt_ids[:max_length], max_new_tokens
                     )
-                    pseudo_labels.append(
+                    cache.pseudo_labels.append(
                         {
                             "expert": expert,
                             "record": record.where,
@@ -176,7 +266,7 @@ def run_teachers(
                 sample = make_sample(
                     expert, record, prompt_ids, response_ids, max_length
                 )
-                target = score(model, sample.input_ids, hidden_layers)
+                target = score(model, sample.input_ids, hidden_layers, placement, top_k)
                 if not all(
                     bool(torch.isfinite(t).all())
                     for t in [target.logits, *target.hidden]
@@ -186,10 +276,10 @@ def run_teachers(
                         f"expert {name} produced NaN or infinite outputs on calibration "
                         f"sample {record.where}; check that expert's weights"
                     )
-                samples.append(sample)
-                targets.append(target)
+                cache.add(sample, target)
                 progress.update(1)
             del model
-            if device.startswith("cuda"):
+            if placement.device.startswith("cuda"):
                 torch.cuda.empty_cache()
-    return TeacherCache(samples=samples, targets=targets, pseudo_labels=pseudo_labels)
+    cache.finish()
+    return cache

@@ -48,7 +48,7 @@ def sample_loss(
 ) -> torch.Tensor:
     """L_logit + w_h * L_hid of one sample against its own expert."""
     sample = cache.samples[index]
-    target = cache.targets[index]
+    target = cache.target(index)
     mask = sample.align_mask(config.align)
     use_hidden = config.hidden_weight > 0 and bool(hidden_layers)
     logits, hidden = student.forward(
@@ -59,8 +59,9 @@ def sample_loss(
         mask = mask.to(device)
     loss = logits.new_zeros(())
     if config.logit_weight > 0:
+        indices = target.indices.to(device) if target.indices is not None else None
         loss = loss + config.logit_weight * logit_loss(
-            logits, target.logits.to(device), config.temperature, mask
+            logits, target.logits.to(device), config.temperature, mask, indices
         )
     if use_hidden:
         loss = loss + config.hidden_weight * hidden_loss(

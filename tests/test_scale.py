@@ -15,13 +15,19 @@ from mergekit_expert.cli import main
 
 
 def calibrate(tiny, tmp_path, name, method="expert_merging_pp", **calibration):
-    document = expert_config(tiny, method=method, calibration={"epochs": 2, "budget": 2.0, **calibration})
+    document = expert_config(
+        tiny, method=method, calibration={"epochs": 2, "budget": 2.0, **calibration}
+    )
     config = tmp_path / f"{name}.yml"
     config.write_text(yaml.safe_dump(document))
     out = tmp_path / name
-    result = CliRunner().invoke(main, [str(config), str(out), "--quiet"], catch_exceptions=False)
+    result = CliRunner().invoke(
+        main, [str(config), str(out), "--quiet"], catch_exceptions=False
+    )
     assert result.exit_code == 0, result.output
-    coefficients = load_file(os.path.join(out, "expert_merging", "coefficients.safetensors"))
+    coefficients = load_file(
+        os.path.join(out, "expert_merging", "coefficients.safetensors")
+    )
     report = json.load(open(out / "expert_merging" / "report.json"))
     return coefficients, report
 
@@ -36,3 +42,59 @@ def test_streamed_equals_resident(tiny, tmp_path):
     resident, _ = calibrate(tiny, tmp_path, "resident", task_vectors="resident")
     streamed, _ = calibrate(tiny, tmp_path, "streamed", task_vectors="streamed")
     assert_same(resident, streamed, rtol=1e-5, atol=1e-6)
+
+
+def test_top_k_cache_with_full_vocabulary_equals_full_cache(tiny, tmp_path):
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(tiny.base).vocab_size
+    full, _ = calibrate(tiny, tmp_path, "full", method="expert_merging")
+    top, report = calibrate(
+        tiny, tmp_path, "top", method="expert_merging", teacher_top_k=vocab
+    )
+    assert report["calibration"]["teacher_top_k"] == vocab
+    assert_same(full, top, rtol=1e-5, atol=1e-6)
+
+
+def test_top_k_loss_is_renormalized_over_the_kept_tokens():
+    from mergekit_expert.objective import logit_loss
+
+    generator = torch.Generator().manual_seed(0)
+    teacher, student = (
+        torch.randn(5, 11, generator=generator),
+        torch.randn(5, 11, generator=generator),
+    )
+    values, indices = teacher.topk(11, dim=-1)
+    torch.testing.assert_close(
+        logit_loss(student, values, 2.0, indices=indices),
+        logit_loss(student, teacher, 2.0),
+    )
+    values, indices = teacher.topk(3, dim=-1)
+    p = torch.softmax(values, -1)
+    q = torch.softmax(student.gather(-1, indices), -1)
+    expected = (p * (p.log() - q.log())).sum(-1).mean()
+    torch.testing.assert_close(logit_loss(student, values, indices=indices), expected)
+
+
+def test_device_map_and_gradient_checkpointing_match_the_plain_run(tiny, tmp_path):
+    plain, _ = calibrate(tiny, tmp_path, "plain", method="expert_merging")
+    shards = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "cpu",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+    mapped, _ = calibrate(
+        tiny, tmp_path, "mapped", method="expert_merging", device_map=shards
+    )
+    assert_same(plain, mapped, rtol=1e-5, atol=1e-6)
+    checkpointed, _ = calibrate(
+        tiny,
+        tmp_path,
+        "checkpointed",
+        method="expert_merging",
+        gradient_checkpointing=True,
+    )
+    assert_same(plain, checkpointed, rtol=1e-5, atol=1e-6)
