@@ -31,6 +31,8 @@ from .checkpoint import CHECKPOINT, WorkDir, fingerprint, save_state
 from .coefficients import ARTIFACT_DIR, ARTIFACT_NAME, CoefficientArtifact
 from .config import ExpertMergePlan, parse_plan
 from .data import CalibrationRecord, choose_records, load_records
+from .distributed import all_reduce_sum, barrier, gather_lists, is_main, world_size
+from .distributed import setup as setup_distributed
 from .errors import ExpertMergingError
 from .importance import (
     Allocation,
@@ -338,8 +340,8 @@ class Checkpointer:
         )
 
     def hook(self, phase: str):
-        if self.work is None:
-            return None
+        if self.work is None or not is_main():
+            return None  # rank 0 alone checkpoints
 
         def on_step(state, student, optimizer, scheduler, kept):
             tensors = dict(self.tensors)
@@ -391,6 +393,17 @@ def _optimizer_from(tensors: dict[str, torch.Tensor], meta: dict | None) -> dict
     }
 
 
+def main_first(action):
+    """Run ``action`` on rank 0, then on the other ranks (which reuse its files)."""
+    if is_main():
+        result = action()
+        barrier()
+    else:
+        barrier()
+        result = action()
+    return result
+
+
 def resolve_precision(name: str, device: str) -> torch.dtype:
     """``auto``: float32 on the CPU, bfloat16 on a GPU that supports it, else float16."""
     if name != "auto":
@@ -415,14 +428,16 @@ def calibrate(
     clock = StageClock()
     trust = options.trust_remote_code
     names_of_experts = [e.name for e in plan.experts]
-    merged_refs = [
-        e.reference.merged(
-            cache_dir=lora_cache,
-            trust_remote_code=trust,
-            lora_merge_dtype=options.lora_merge_dtype,
-        )
-        for e in plan.experts
-    ]
+    merged_refs = main_first(
+        lambda: [
+            e.reference.merged(
+                cache_dir=lora_cache,
+                trust_remote_code=trust,
+                lora_merge_dtype=options.lora_merge_dtype,
+            )
+            for e in plan.experts
+        ]
+    )
     base_dir = plan.base.merged(
         cache_dir=lora_cache, trust_remote_code=trust
     ).local_path(cache_dir=options.transformers_cache)
@@ -573,6 +588,7 @@ def calibrate(
         "hidden_layers": hidden_layers,
         "calibration": settings.model_dump(),
         "device": device,
+        "world_size": world_size(),
         "precision": str(placement.dtype).replace("torch.", ""),
         "task_vectors": "streamed"
         if isinstance(task_vectors, StreamedTaskVectors)
@@ -581,8 +597,12 @@ def calibrate(
         "resumed": checkpointer.saved is not None,
         "expert_loss_final": final_expert,
         **stages,
-        "pseudo_labels": cache.pseudo_labels,
-        "truncated_samples": sum(s.truncated for s in cache.samples),
+        "pseudo_labels": gather_lists(cache.pseudo_labels),
+        "truncated_samples": int(
+            all_reduce_sum(
+                [torch.tensor(float(sum(s.truncated for s in cache.samples.values())))]
+            )[0]
+        ),
         "coefficients_outside_sane_range": outside,
         "mean_alpha": _mean_alpha(alphas, len(plan.experts)),
         "coefficients": {name: a.tolist() for name, a in alphas.items()},
@@ -697,7 +717,10 @@ def run_expert_merge(
         [e.calibration for e in plan.experts] if checked.artifact is None else []
     )
     work = WorkDir(out_path, fingerprint(document, model_paths, data_paths))
-    work.open()
+    main_first(work.open)  # the others then find it ready
+    options = options.model_copy(
+        update={"device": setup_distributed(options.device or "cpu")}
+    )
     lora_cache = options.lora_merge_cache or work.file("lora")
     merge_options = options.model_copy(update={"lora_merge_cache": lora_cache})
     try:
@@ -707,6 +730,8 @@ def run_expert_merge(
             artifact = checked.artifact
         else:
             artifact, report = calibrate(plan, checked, merge_options, lora_cache, work)
+            if not is_main():
+                return  # rank 0 writes the artifact, the model and the report
             artifact_file = work.file(ARTIFACT_NAME)
             artifact.save(artifact_file)
         merge_config = copy.deepcopy(plan.merge_config)

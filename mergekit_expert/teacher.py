@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .data import CalibrationRecord, Sample, make_sample, render
+from .distributed import owns, rank, world_size
 from .errors import ExpertMergingError
 
 
@@ -49,24 +50,26 @@ class TeacherTargets:
 
 
 class TeacherCache:
-    """Teacher targets of every calibration sample: in memory, or one safetensors
-    file per sample in ``directory``, read back on demand (never all in RAM)."""
+    """Teacher targets of the calibration samples: in memory, or one safetensors
+    file per sample in ``directory``, read back on demand (never all in RAM).
 
-    INDEX = "index.json"
+    ``experts`` lists every sample's expert; under torch.distributed a rank
+    holds ``samples`` (and targets) only for the samples it owns.
+    """
 
     def __init__(self, directory: str | None = None):
         self.directory = directory
-        self.samples: list[Sample] = []
+        self.experts: list[int] = []
+        self.samples: dict[int, Sample] = {}
         self.pseudo_labels: list[dict] = []
-        self._targets: list[TeacherTargets] = []
+        self._targets: dict[int, TeacherTargets] = {}
         if directory is not None:
             os.makedirs(directory, exist_ok=True)
 
-    def add(self, sample: Sample, target: TeacherTargets) -> None:
-        index = len(self.samples)
-        self.samples.append(sample)
+    def add(self, index: int, sample: Sample, target: TeacherTargets) -> None:
+        self.samples[index] = sample
         if self.directory is None:
-            self._targets.append(target)
+            self._targets[index] = target
             return
         tensors = {"ids": sample.input_ids, **target.tensors()}
         save_file({k: v.contiguous() for k, v in tensors.items()}, self._path(index))
@@ -82,34 +85,44 @@ class TeacherCache:
     def _path(self, index: int) -> str:
         return os.path.join(self.directory, f"{index}.safetensors")
 
+    @staticmethod
+    def _index_path(directory: str) -> str:
+        return os.path.join(directory, f"index-{rank()}-of-{world_size()}.json")
+
     def finish(self) -> None:
         """Write the index: the cache on disk is complete and can be reused."""
         if self.directory is None:
             return
-        meta = [
-            [s.expert, s.record.where, s.response_start, s.truncated]
-            for s in self.samples
-        ]
-        with open(
-            os.path.join(self.directory, self.INDEX), "w", encoding="utf-8"
-        ) as handle:
-            json.dump({"samples": meta, "pseudo_labels": self.pseudo_labels}, handle)
+        meta = {
+            str(i): [s.record.where, s.response_start, s.truncated]
+            for i, s in self.samples.items()
+        }
+        state = {
+            "experts": self.experts,
+            "samples": meta,
+            "pseudo_labels": self.pseudo_labels,
+        }
+        with open(self._index_path(self.directory), "w", encoding="utf-8") as handle:
+            json.dump(state, handle)
 
     @classmethod
     def reopen(cls, directory: str) -> TeacherCache | None:
-        """A complete cache written earlier in ``directory``, or None."""
-        index = os.path.join(directory, cls.INDEX)
-        if not os.path.exists(index):
+        """A complete cache this rank wrote earlier in ``directory``, or None."""
+        path = cls._index_path(directory)
+        if not os.path.exists(path):
             return None
-        with open(index, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8") as handle:
             state = json.load(handle)
         cache = cls(directory)
+        cache.experts = state["experts"]
         cache.pseudo_labels = state["pseudo_labels"]
-        for i, (expert, where, start, truncated) in enumerate(state["samples"]):
-            with safe_open(cache._path(i), framework="pt") as handle:
+        for key, (where, start, truncated) in state["samples"].items():
+            index = int(key)
+            with safe_open(cache._path(index), framework="pt") as handle:
                 ids = handle.get_tensor("ids")
-            cache.samples.append(
-                Sample(expert, CalibrationRecord(where), ids, start, truncated)
+            expert = cache.experts[index]
+            cache.samples[index] = Sample(
+                expert, CalibrationRecord(where), ids, start, truncated
             )
         return cache
 
@@ -241,14 +254,24 @@ def run_teachers(
     one expert and one sample's outputs at a time.
     """
     cache = TeacherCache(directory)
-    total = sum(len(r) for r in records)
-    with tqdm(total=total, desc="Teacher pass", disable=quiet) as progress:
+    cache.experts = [
+        k for k, expert_records in enumerate(records) for _ in expert_records
+    ]
+    owned = [i for i in range(len(cache.experts)) if owns(i)]
+    index = 0
+    with tqdm(total=len(owned), desc="Teacher pass", disable=quiet) as progress:
         for expert, (path, expert_records) in enumerate(zip(expert_paths, records)):
+            mine = [
+                (index + j, r) for j, r in enumerate(expert_records) if owns(index + j)
+            ]
+            index += len(expert_records)
+            if not mine:
+                continue
             tokenizer = load_tokenizer(
                 tokenizer_paths[expert], placement.trust_remote_code
             )
             model = placement.load(path)
-            for record in expert_records:
+            for global_index, record in mine:
                 prompt_ids, response_ids = render(record, tokenizer)
                 if response_ids is None:
                     response_ids = generate_response(
@@ -276,7 +299,7 @@ def run_teachers(
                         f"expert {name} produced NaN or infinite outputs on calibration "
                         f"sample {record.where}; check that expert's weights"
                     )
-                cache.add(sample, target)
+                cache.add(global_index, sample, target)
                 progress.update(1)
             del model
             if placement.device.startswith("cuda"):

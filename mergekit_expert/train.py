@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .config import CalibrationConfig
 from .data import epoch_order
+from .distributed import all_reduce_sum
 from .objective import hidden_loss, logit_loss, regularizer
 from .student import Student
 from .teacher import TeacherCache
@@ -79,12 +80,16 @@ def alignment_loss(
     task_weights: Sequence[float],
 ) -> tuple[float, list[float]]:
     """sum_k beta_k * mean loss of expert k's samples, at the loaded weights."""
-    per_expert: list[list[float]] = [[] for _ in task_weights]
-    for index, sample in enumerate(cache.samples):
-        per_expert[sample.expert].append(
-            float(sample_loss(student, cache, index, config, hidden_layers))
+    experts = len(task_weights)
+    sums = torch.zeros(experts, dtype=torch.float64)
+    counts = torch.zeros(experts, dtype=torch.float64)
+    for index, sample in sorted(cache.samples.items()):
+        sums[sample.expert] += float(
+            sample_loss(student, cache, index, config, hidden_layers)
         )
-    means = [sum(v) / len(v) if v else 0.0 for v in per_expert]
+        counts[sample.expert] += 1
+    sums, counts = all_reduce_sum([sums, counts])  # this rank's samples -> all
+    means = [float(s / c) if c else 0.0 for s, c in zip(sums, counts)]
     return sum(b * m for b, m in zip(task_weights, means)), means
 
 
@@ -193,10 +198,9 @@ def train_coefficients(
     experts = len(task_weights)
     names = list(expert_names or [str(k) for k in range(experts)])
     by_expert = [
-        [i for i, s in enumerate(cache.samples) if s.expert == k]
-        for k in range(experts)
+        [i for i, e in enumerate(cache.experts) if e == k] for k in range(experts)
     ]
-    steps_per_epoch = math.ceil(len(cache.samples) / config.accumulation)
+    steps_per_epoch = math.ceil(len(cache.experts) / config.accumulation)
     params = student.parameters()
     optimizer = (
         torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -246,9 +250,12 @@ def train_coefficients(
             state.rng = list(rng.getstate())
         batch = state.order[state.position : state.position + config.accumulation]
         student.zero_grad()
-        data_loss = 0.0
+        # Loss sums of this step: [data loss, per-expert sums, per-expert counts].
+        tally = torch.zeros(1 + 2 * experts, dtype=torch.float64)
         for index in batch:
-            expert = cache.samples[index].expert
+            if index not in cache.samples:
+                continue  # another rank's sample
+            expert = cache.experts[index]
             loss = sample_loss(student, cache, index, config, hidden_layers)
             _check_finite(
                 loss.detach(),
@@ -257,12 +264,18 @@ def train_coefficients(
             )
             # K/|batch| turns the sample mean into sum_k beta_k * mean_k.
             (task_weights[expert] * loss * experts / len(batch)).backward()
-            data_loss += (
+            tally[0] += (
                 task_weights[expert] * float(loss.detach()) * experts / len(batch)
             )
-            state.expert_sums[expert] += float(loss.detach())
-            state.expert_counts[expert] += 1
+            tally[1 + expert] += float(loss.detach())
+            tally[1 + experts + expert] += 1
         grads = student.projected_grads()
+        reduced = all_reduce_sum([tally, *grads.values()])
+        tally, grads = reduced[0], dict(zip(grads, reduced[1:]))
+        data_loss = float(tally[0])
+        for k in range(experts):
+            state.expert_sums[k] += float(tally[1 + k])
+            state.expert_counts[k] += int(tally[1 + experts + k])
         for name, grad in grads.items():
             _check_finite(
                 grad,

@@ -98,3 +98,45 @@ def test_device_map_and_gradient_checkpointing_match_the_plain_run(tiny, tmp_pat
         gradient_checkpointing=True,
     )
     assert_same(plain, checkpointed, rtol=1e-5, atol=1e-6)
+
+
+def test_torchrun_two_processes_equal_one_process(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    single, _ = calibrate(tiny, tmp_path, "single")
+    document = expert_config(
+        tiny, method="expert_merging_pp", calibration={"epochs": 2, "budget": 2.0}
+    )
+    config = tmp_path / "ddp.yml"
+    config.write_text(yaml.safe_dump(document))
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "mergekit_expert",
+            str(config),
+            str(out),
+            "--quiet",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=600,
+    )
+    parallel = load_file(
+        os.path.join(out, "expert_merging", "coefficients.safetensors")
+    )
+    assert_same(single, parallel, rtol=1e-5, atol=1e-6)
+    report = json.load(open(out / "expert_merging" / "report.json"))
+    assert report["world_size"] == 2
+    # Rank 1 scored its own samples; their pseudo-labels reach rank 0's report.
+    assert sorted(p["expert"] for p in report["pseudo_labels"]) == [1, 1, 2]
+    assert not os.path.exists(str(out) + ".partial")
+    assert sorted(os.listdir(tmp_path)).count("ddp") == 1
