@@ -657,6 +657,7 @@ def _history_report(history) -> dict:
         "alignment_loss": history.alignment,
         "kept_epoch": history.best_epoch,
         "optimizer_steps": history.steps,
+        "step_seconds": history.step_seconds,
         "stopped_early": history.stopped_early,
     }
 

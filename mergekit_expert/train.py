@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -33,6 +34,7 @@ class TrainHistory:
     alignment: list[float] = field(default_factory=list)
     best_epoch: int = 0  # 0 = the starting coefficients
     steps: int = 0
+    step_seconds: list[float] = field(default_factory=list)  # wall time per optimizer step
     stopped_early: bool = False
 
     @property
@@ -249,6 +251,7 @@ def train_coefficients(
             state.order = [by_expert[k][j] for k, j in epoch_order(counts, rng)]
             state.rng = list(rng.getstate())
         batch = state.order[state.position : state.position + config.accumulation]
+        started = time.perf_counter()
         student.zero_grad()
         # Loss sums of this step: [data loss, per-expert sums, per-expert counts].
         tally = torch.zeros(1 + 2 * experts, dtype=torch.float64)
@@ -289,6 +292,9 @@ def train_coefficients(
         optimizer.step()
         scheduler.step()
         student.load()
+        if student.device.type == "cuda":
+            torch.cuda.synchronize()
+        history.step_seconds.append(round(time.perf_counter() - started, 4))
         history.steps += 1
         state.epoch_total += data_loss + float(reg.detach())
         state.position += len(batch)
