@@ -18,7 +18,12 @@ import torch.distributed as dist
 
 
 def setup(device: str) -> str:
-    """Join the process group torchrun describes (if any); returns this rank's device."""
+    """Join the process group torchrun describes (if any); returns this rank's device.
+
+    ``auto`` is the GPU when there is one, else the CPU.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
         dist.init_process_group(backend=backend)

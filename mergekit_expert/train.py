@@ -34,7 +34,9 @@ class TrainHistory:
     alignment: list[float] = field(default_factory=list)
     best_epoch: int = 0  # 0 = the starting coefficients
     steps: int = 0
-    step_seconds: list[float] = field(default_factory=list)  # wall time per optimizer step
+    step_seconds: list[float] = field(
+        default_factory=list
+    )  # wall time per optimizer step
     stopped_early: bool = False
 
     @property

@@ -150,3 +150,38 @@ def test_existing_output_is_kept_on_failure(tiny, tmp_path, no_model_loads):
     result = CliRunner().invoke(main, [str(config), str(out), "--quiet"])
     assert result.exit_code != 0 and "did you mean 'lr'" in result.output
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_vocabulary_mismatch(tiny, tmp_path, no_model_loads):
+    import json
+    import shutil
+
+    other = tmp_path / "other_vocab"
+    shutil.copytree(tiny.experts[0], other)
+    config = json.loads((other / "config.json").read_text())
+    config["vocab_size"] += 7
+    (other / "config.json").write_text(json.dumps(config))
+    document = expert_config(tiny)
+    document["models"][0]["model"] = str(other)
+    output = run_failing(tmp_path, document)
+    assert "vocabulary size" in output and "other_vocab" in output
+
+
+def test_expert_tensor_missing_from_base(tiny, tmp_path, no_model_loads):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    extra = tmp_path / "extra"
+    shutil.copytree(tiny.experts[0], extra)
+    tensors = load_file(str(extra / "model.safetensors"))
+    tensors["model.layers.0.mlp.extra_proj.weight"] = torch.zeros(4, 4)
+    save_file(tensors, str(extra / "model.safetensors"), metadata={"format": "pt"})
+    document = expert_config(tiny)
+    document["models"][0]["model"] = str(extra)
+    output = run_failing(tmp_path, document)
+    assert (
+        "model.layers.0.mlp.extra_proj.weight" in output
+        and "base model lacks" in output
+    )
