@@ -71,6 +71,16 @@ class CalibrationConfig(BaseModel):
     budget: float = Field(1.0, gt=0)
     kappa: float = Field(1.2, ge=0)
     stage2_init: Literal["warm", "init"] = "warm"
+    # None: a warm start continues where stage 1's schedule ended (0.1 * lr);
+    # a restart at init uses lr, as the paper does.
+    stage2_lr: float | None = Field(None, gt=0)
+
+    def stage2(self) -> CalibrationConfig:
+        """The settings stage 2 trains with."""
+        lr = self.stage2_lr
+        if lr is None:
+            lr = 0.1 * self.lr if self.stage2_init == "warm" else self.lr
+        return self.model_copy(update={"lr": lr})
 
     @field_validator("init")
     @classmethod

@@ -535,20 +535,27 @@ def calibrate(
     alphas = student.all_alphas()
     losses = {
         "task_arithmetic_init": stage1.alignment[0],
-        "stage1": stage1.best_alignment,
+        "stage1": stage1.kept_alignment,
     }
     stages = {"stage1": _history_report(stage1)}
     allocation = None
     if plan.method == "expert_merging_pp":
         with clock.stage("stage2"):
             allocation = prepare_stage2(student, alphas, stage1_raw, settings)
-            stage2 = train(
+            stage2 = train_coefficients(
+                student,
+                cache,
+                settings.stage2(),
+                hidden_layers,
+                task_weights,
+                quiet=quiet,
+                expert_names=names_of_experts,
                 desc="Stage 2",
                 resume=checkpointer.resume_for("stage2"),
                 on_step=checkpointer.hook("stage2"),
             )
         alphas = student.all_alphas()
-        losses["stage2"] = stage2.best_alignment
+        losses["stage2"] = stage2.kept_alignment
         stages["stage2"] = _history_report(stage2)
     _, final_expert = alignment_loss(
         student, cache, settings, hidden_layers, task_weights
@@ -639,6 +646,7 @@ def prepare_stage2(student, stage1_alphas, stage1_raw, settings) -> Allocation:
         chunks=allocation.trainable,
         start=stage1_raw if warm else None,
         fixed=fixed,
+        anchor_at_start=warm,
     )
     LOG.info(
         "stage 2: %d chunks over %d weights (budget %.1f), %d fixed",
@@ -655,7 +663,8 @@ def _history_report(history) -> dict:
         "epoch_loss": history.epoch_loss,
         "epoch_expert_loss": history.epoch_expert_loss,
         "alignment_loss": history.alignment,
-        "kept_epoch": history.best_epoch,
+        "objective": history.objective,
+        "kept_epoch": history.kept_epoch,
         "optimizer_steps": history.steps,
         "step_seconds": history.step_seconds,
         "stopped_early": history.stopped_early,

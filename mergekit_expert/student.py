@@ -17,6 +17,7 @@ import torch
 
 from .coefficients import chunk_count, expand_chunks, reduce_chunks
 from .errors import ExpertMergingError
+from .objective import regularizer
 from .task_vectors import ResidentTaskVectors, TaskVectors
 
 EPSILON = 1e-4
@@ -78,6 +79,7 @@ class Student:
         chunks: Mapping[str, int] | None = None,
         start: Mapping[str, torch.Tensor] | None = None,
         fixed: Mapping[str, torch.Tensor] | None = None,
+        anchor_at_start: bool = False,
     ) -> None:
         """(Re)create the raw coefficients: alpha = init_k everywhere, or ``start``.
 
@@ -85,6 +87,8 @@ class Student:
         count); ``start`` gives initial raw (pre-activation) values [K, m] or
         [K, 1] to broadcast, so a warm start reproduces alphas bit for bit;
         weights in ``fixed`` keep those alphas [K, 1] and are not trained.
+        The regularizer pulls towards ``init``, or with ``anchor_at_start``
+        towards the starting alphas (a warm start refines around them).
         """
         # The regularizer's target is the float32 alpha the raw init really gives,
         # so |alpha - init| starts at exactly 0 (Adam would amplify rounding noise).
@@ -109,6 +113,15 @@ class Student:
                 values.to(device=device, dtype=torch.float32).clone()
             )
             self.weights[name].requires_grad_(True)
+        self.anchor = (
+            {name: self.activation(w).detach().clone() for name, w in self.raw.items()}
+            if anchor_at_start
+            else None
+        )
+
+    def regularizer(self) -> torch.Tensor:
+        """R of the current trainable alphas (METHOD.md), in the graph of w."""
+        return regularizer(self.alphas(), self.anchor or self.init)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.raw.values())

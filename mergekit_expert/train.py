@@ -20,28 +20,39 @@ from tqdm.auto import tqdm
 from .config import CalibrationConfig
 from .data import epoch_order
 from .distributed import all_reduce_sum
-from .objective import hidden_loss, logit_loss, regularizer
+from .objective import hidden_loss, logit_loss
 from .student import Student
 from .teacher import TeacherCache
 
 
 @dataclass
 class TrainHistory:
-    epoch_loss: list[float] = field(default_factory=list)  # full objective
+    epoch_loss: list[float] = field(default_factory=list)  # running objective
     epoch_expert_loss: list[list[float]] = field(default_factory=list)  # per expert
-    # Calibration alignment loss at the start and after each epoch; the
-    # coefficients with the lowest one are kept (a warm start stays feasible).
+    # Measured exactly at the start and after each epoch: the calibration
+    # alignment loss and the objective (alignment + reg_weight * R); the
+    # coefficients with the lowest objective are kept.
     alignment: list[float] = field(default_factory=list)
-    best_epoch: int = 0  # 0 = the starting coefficients
+    objective: list[float] = field(default_factory=list)
+    kept_epoch: int = 0  # 0 = the starting coefficients
     steps: int = 0
-    step_seconds: list[float] = field(
-        default_factory=list
-    )  # wall time per optimizer step
+    step_seconds: list[float] = field(default_factory=list)  # per optimizer step
     stopped_early: bool = False
 
     @property
-    def best_alignment(self) -> float:
-        return self.alignment[self.best_epoch]
+    def kept_alignment(self) -> float:
+        return self.alignment[self.kept_epoch]
+
+    def record(self, alignment: float, objective: float) -> bool:
+        """Add an exact measurement; True when these coefficients are to be kept."""
+        self.alignment.append(alignment)
+        self.objective.append(objective)
+        if len(self.alignment) == 1:
+            return True
+        if objective < self.objective[self.kept_epoch]:
+            self.kept_epoch = len(self.alignment) - 1
+            return True
+        return False
 
 
 def sample_loss(
@@ -220,8 +231,8 @@ def train_coefficients(
         rng = random.Random(config.seed)
         state = LoopState(expert_sums=[0.0] * experts, expert_counts=[0] * experts)
         student.load()
-        state.history.alignment.append(
-            alignment_loss(student, cache, config, hidden_layers, task_weights)[0]
+        state.history.record(
+            *_measure(student, cache, config, hidden_layers, task_weights)
         )
         kept = _snapshot(student)
         state.done = not params  # every coefficient fixed: nothing to train
@@ -287,7 +298,7 @@ def train_coefficients(
                 f"coefficient gradient of {name} in {desc}, step {history.steps + 1}",
             )
         alphas = student.alphas()
-        reg = config.reg_weight * regularizer(alphas, student.init)
+        reg = config.reg_weight * student.regularizer()
         surrogate = reg + sum((alphas[n] * grads[n]).sum() for n in alphas)
         surrogate.backward()
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -327,17 +338,14 @@ def train_coefficients(
 def _end_epoch(
     state, student, cache, config, hidden_layers, task_weights, steps_per_epoch, kept
 ):
-    """Epoch bookkeeping: history, best-aligned snapshot, early stopping."""
+    """Epoch bookkeeping: history, kept snapshot, early stopping."""
     history = state.history
     epoch_loss = state.epoch_total / steps_per_epoch
     history.epoch_loss.append(epoch_loss)
     history.epoch_expert_loss.append(
         [s / max(c, 1) for s, c in zip(state.expert_sums, state.expert_counts)]
     )
-    aligned, _ = alignment_loss(student, cache, config, hidden_layers, task_weights)
-    history.alignment.append(aligned)
-    if aligned < history.best_alignment:
-        history.best_epoch = len(history.alignment) - 1
+    if history.record(*_measure(student, cache, config, hidden_layers, task_weights)):
         kept = _snapshot(student)
     if epoch_loss < state.best_epoch_loss - 1e-12:
         state.best_epoch_loss, state.stale = epoch_loss, 0
@@ -351,6 +359,15 @@ def _end_epoch(
     state.position, state.order, state.epoch_total = 0, None, 0.0
     state.expert_sums, state.expert_counts = [0.0] * experts, [0] * experts
     return kept
+
+
+def _measure(
+    student, cache, config, hidden_layers, task_weights
+) -> tuple[float, float]:
+    """(alignment loss, objective) at the loaded coefficients, over every sample."""
+    aligned, _ = alignment_loss(student, cache, config, hidden_layers, task_weights)
+    reg = float(student.regularizer()) if student.raw else 0.0
+    return aligned, aligned + config.reg_weight * reg
 
 
 def _as_tuple(value):

@@ -162,6 +162,8 @@ def test_pp_end_to_end_chunkwise_task_arithmetic(tiny, tmp_path):
     # Warm start: stage 1 is a feasible point, so stage 2 is never worse.
     assert report["loss"]["stage2"] <= report["loss"]["stage1"]
     assert report["stage2"]["alignment_loss"][0] == report["loss"]["stage1"]
+    # The warm start's regularizer is anchored at stage 1's alphas: R starts at 0.
+    assert report["stage2"]["objective"][0] == report["loss"]["stage1"]
     assert set(report["allocation"]["importance"]) == set(coefficients)
 
 
