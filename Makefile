@@ -21,6 +21,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Benchmarks write their results under benchmarks/results/ (the GPU one,
+# benchmarks/gpu_scale.py, needs a GPU machine and is run by hand).
+bench: $(STAMP)
+	$(BIN)/python benchmarks/scale.py
+	$(BIN)/python examples/demo/run.py --out demo_out
+	$(BIN)/python benchmarks/topk_cost.py demo_out
+
 lint: $(STAMP)
 	$(BIN)/ruff check mergekit_expert tests examples
 
