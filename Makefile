@@ -29,7 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/topk_cost.py demo_out
 
 lint: $(STAMP)
-	$(BIN)/ruff check mergekit_expert tests examples
+	$(BIN)/ruff check mergekit_expert tests examples benchmarks
 
 clean:
 	rm -rf demo_out bench_out .pytest_cache

@@ -171,9 +171,18 @@ class Student:
                 result[name] = torch.zeros_like(self.raw[name])
                 continue
             grad = grad.reshape(-1).to(torch.float32)
-            if isinstance(self.task_vectors, ResidentTaskVectors):
-                product = self.task_vectors.stacked(name, grad.device) * grad
-                result[name] = reduce_chunks(product, m)
+            if m == 1 and isinstance(self.task_vectors, ResidentTaskVectors):
+                # A matrix-vector product: no [K, numel] temporary.
+                result[name] = (self.task_vectors.stacked(name, grad.device) @ grad)[
+                    :, None
+                ]
+            elif m == 1:
+                result[name] = torch.stack(
+                    [
+                        torch.dot(tau, grad)
+                        for tau in self.task_vectors.rows(name, grad.device)
+                    ]
+                )[:, None]
             else:
                 result[name] = torch.stack(
                     [

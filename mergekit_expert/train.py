@@ -8,8 +8,10 @@ its merged weights from the new coefficients.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import random
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -307,6 +309,7 @@ def train_coefficients(
         student.load()
         if student.device.type == "cuda":
             torch.cuda.synchronize()
+        _release_freed_memory()
         history.step_seconds.append(round(time.perf_counter() - started, 4))
         history.steps += 1
         state.epoch_total += data_loss + float(reg.detach())
@@ -366,8 +369,18 @@ def _measure(
 ) -> tuple[float, float]:
     """(alignment loss, objective) at the loaded coefficients, over every sample."""
     aligned, _ = alignment_loss(student, cache, config, hidden_layers, task_weights)
-    reg = float(student.regularizer()) if student.raw else 0.0
+    reg = float(student.regularizer().detach()) if student.raw else 0.0
     return aligned, aligned + config.reg_weight * reg
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap back to the OS after a step (glibc keeps large freed
+    temporaries otherwise, so peak RSS would drift with the number of steps)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
 
 
 def _as_tuple(value):
