@@ -727,10 +727,13 @@ def run_expert_merge(
         [e.calibration for e in plan.experts] if checked.artifact is None else []
     )
     work = WorkDir(out_path, fingerprint(document, model_paths, data_paths))
-    main_first(work.open)  # the others then find it ready
+    # Join torchrun's process group first: only then does is_main() know the rank.
     options = options.model_copy(
         update={"device": setup_distributed(options.device or "cpu")}
     )
+    if is_main():
+        work.open()  # rank 0 alone prepares OUT.partial ...
+    barrier()  # ... and the other ranks find it ready
     lora_cache = options.lora_merge_cache or work.file("lora")
     merge_options = options.model_copy(update={"lora_merge_cache": lora_cache})
     try:
