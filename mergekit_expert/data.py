@@ -240,7 +240,7 @@ def render(record: CalibrationRecord, tokenizer) -> tuple[list[int], list[int] |
         messages = [("user", record.prompt)]
         if record.response is not None:
             messages.append(("assistant", record.response))
-    has_response = messages[-1][0] == "assistant"
+    has_response = not record.needs_response
     prompt_turns = messages[:-1] if has_response else messages
     if getattr(tokenizer, "chat_template", None):
 
