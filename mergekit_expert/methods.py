@@ -167,7 +167,10 @@ EXPERT_MERGING_PP = ExpertMergingMethod("expert_merging_pp", "Expert Merging++")
 
 def register() -> None:
     """Register both methods with mergekit; calling it again does nothing."""
+    from .multimodal import fix_mergekit_architectures
+
     known = {method.spec.name for method in merge_methods.registered_methods()}
     for method in (EXPERT_MERGING, EXPERT_MERGING_PP):
         if method.spec.name not in known:
             merge_methods.register(method)
+    fix_mergekit_architectures()

@@ -29,7 +29,7 @@ from mergekit.options import MergeOptions
 
 from .checkpoint import CHECKPOINT, WorkDir, fingerprint, save_state
 from .coefficients import ARTIFACT_DIR, ARTIFACT_NAME, CoefficientArtifact
-from .config import ExpertMergePlan, parse_plan
+from .config import Expert, ExpertMergePlan, parse_plan
 from .data import CalibrationRecord, choose_records, load_records
 from .distributed import all_reduce_sum, barrier, gather_lists, is_main, world_size
 from .distributed import setup as setup_distributed
@@ -40,6 +40,12 @@ from .importance import (
     layer_importance,
 )
 from .methods import load_artifact_cached
+from .multimodal import (
+    checkpoint_parameters,
+    has_processor,
+    is_multimodal,
+    load_processor,
+)
 from .report import card_section, plot_coefficients, write_json
 from .student import Student, check_hidden_layers, select_weights
 from .task_vectors import (
@@ -83,19 +89,48 @@ class StageClock:
         start = time.perf_counter()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        own_peak = reset_stage_peak()
         yield
         entry = {
             "wall_s": round(time.perf_counter() - start, 3),
             "peak_rss_mib": round(peak_rss_bytes() / 2**20, 1),
         }
+        if own_peak:
+            entry["stage_peak_rss_mib"] = round(stage_peak_bytes() / 2**20, 1)
         if torch.cuda.is_available():
             entry["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         self.stages[name] = entry
 
 
 def peak_rss_bytes() -> int:
+    """The process's peak resident memory since it started."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def reset_stage_peak() -> bool:
+    """Restart the kernel's peak-RSS count (Linux), so a stage reports its own peak.
+
+    Only with ``MERGEKIT_EXPERT_STAGE_PEAKS=1`` (benchmarks): the reset also
+    clears the process's ``ru_maxrss``, which outside tools read at exit.
+    """
+    if os.environ.get("MERGEKIT_EXPERT_STAGE_PEAKS") != "1":
+        return False
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def stage_peak_bytes() -> int:
+    """Peak resident memory since the last :func:`reset_stage_peak` (VmHWM)."""
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def _text_config(config):
@@ -248,12 +283,45 @@ def preflight(
                     source=f"calibration file {expert.calibration!r} of {expert.name}",
                 )
             )
+        for expert, chosen in zip(plan.experts, records):
+            with_images = next((r for r in chosen if r.images), None)
+            if with_images is not None:
+                check_processor(expert, plan.base, with_images, trust)
     return Checked(
         records=records,
         n_blocks=n_blocks,
         hidden_layers=hidden_layers,
         artifact=artifact,
     )
+
+
+def check_processor(
+    expert: Expert, base: ModelReference, record: CalibrationRecord, trust: bool
+) -> None:
+    """An expert with image records needs a processor with a chat template."""
+    candidates = [
+        p
+        for p in (expert.reference.model.path, base.model.path)
+        if os.path.isdir(p) and has_processor(p)
+    ]
+    config = expert.reference.config(trust_remote_code=trust)
+    if not is_multimodal(config) or not candidates:
+        raise ExpertMergingError(
+            f"{record.where}: the record has images, but expert {expert.name} is not "
+            "a vision-language model with a saved processor (preprocessor_config.json)"
+        )
+    try:
+        processor = load_processor(candidates[0], trust)
+    except Exception as error:
+        raise ExpertMergingError(
+            f"cannot load the processor of expert {expert.name} from {candidates[0]}: "
+            f"{error}"
+        ) from None
+    if not getattr(processor, "chat_template", None):
+        raise ExpertMergingError(
+            f"the processor of expert {expert.name} ({candidates[0]}) has no chat "
+            "template; records with images are rendered with it"
+        )
 
 
 def _tokenizer_candidates(
@@ -266,13 +334,15 @@ def _tokenizer_candidates(
 def load_task_vectors(
     mode: str,
     names: Sequence[str],
-    base_model: torch.nn.Module,
+    params: dict[str, torch.nn.Parameter],
     base_dir: str,
     expert_dirs: Sequence[str],
     expert_names: Sequence[str],
 ) -> TaskVectors:
-    """The base and tau_k = expert_k - base of each calibrated weight, resident or streamed."""
-    params = dict(base_model.named_parameters())
+    """The base and tau_k = expert_k - base of each calibrated weight, resident or streamed.
+
+    ``params``: the base model's parameters by checkpoint name.
+    """
     device = params[names[0]].device
     mode = choose_mode(
         mode, sum(params[n].numel() for n in names), len(expert_dirs), device
@@ -476,15 +546,21 @@ def calibrate(
     checkpointer = Checkpointer(work)
     with clock.stage("student_setup"):
         model = placement.load(base_dir, student=True)
-        names = select_weights(
-            [n for n, _ in model.named_parameters()], settings.exclude
+        params = checkpoint_parameters(
+            model, CheckpointReader(base_dir, "the base model").files
         )
+        names = select_weights(list(params), settings.exclude)
         if not names:
             raise ExpertMergingError(
                 "calibration.exclude excludes every weight of the model; nothing to calibrate"
             )
         task_vectors = load_task_vectors(
-            settings.task_vectors, names, model, base_dir, expert_dirs, names_of_experts
+            settings.task_vectors,
+            names,
+            params,
+            base_dir,
+            expert_dirs,
+            names_of_experts,
         )
         init_values = checkpointer.done.get("init") or plan.init_values()
         student = Student(
@@ -493,6 +569,7 @@ def calibrate(
             init_values or [settings.init_grid[0]] * len(plan.experts),
             activation=settings.activation,
             autocast=placement.autocast,
+            parameters=params,
         )
     curve = checkpointer.done.get("init_curve", [])
     if init_values is None:

@@ -55,15 +55,18 @@ class Student:
         chunks: Mapping[str, int] | None = None,
         start: Mapping[str, torch.Tensor] | None = None,
         autocast=contextlib.nullcontext,
+        parameters: Mapping[str, torch.nn.Parameter] | None = None,
     ):
         """``task_vectors``: a TaskVectors, or {name: [K, numel]} with the base
-        taken from the model's current weights; see :meth:`reset` for the rest."""
+        taken from the model's current weights; ``parameters``: the model's
+        parameters by checkpoint name, where that differs from the in-memory
+        name (see :mod:`mergekit_expert.multimodal`); see :meth:`reset` for the rest."""
         self.model = model
         self.autocast = autocast  # forward passes only; coefficient math stays fp32
         self.activation, self.inverse = activation_fns(activation)
-        params = dict(model.named_parameters())
-        for parameter in params.values():
+        for parameter in model.parameters():
             parameter.requires_grad_(False)
+        params = dict(parameters or model.named_parameters())
         if not isinstance(task_vectors, TaskVectors):
             base = {n: params[n].detach().reshape(-1).clone() for n in task_vectors}
             task_vectors = ResidentTaskVectors(base, task_vectors)
@@ -193,12 +196,21 @@ class Student:
         return result
 
     def forward(
-        self, input_ids: torch.Tensor, hidden_layers: Sequence[int]
+        self,
+        input_ids: torch.Tensor,
+        hidden_layers: Sequence[int],
+        inputs: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Logits [T, V] and the selected hidden states [T, D] of one sequence."""
+        """Logits [T, V] and the selected hidden states [T, D] of one sequence.
+
+        ``inputs``: further model inputs with a batch dimension (pixel values...).
+        """
+        device = self.device
+        extra = {k: v.to(device) for k, v in (inputs or {}).items()}
         with self.autocast():
             output = self.model(
-                input_ids=input_ids[None].to(self.device),
+                input_ids=input_ids[None].to(device),
+                **extra,
                 output_hidden_states=bool(hidden_layers),
                 use_cache=False,
             )

@@ -18,9 +18,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .data import CalibrationRecord, Sample, make_sample, render
+from .data import CalibrationRecord, Sample, make_sample, render, render_multimodal
 from .distributed import owns, rank, world_size
 from .errors import ExpertMergingError
+from .multimodal import has_processor, load_processor, model_class
 
 
 @dataclass
@@ -72,6 +73,8 @@ class TeacherCache:
             self._targets[index] = target
             return
         tensors = {"ids": sample.input_ids, **target.tensors()}
+        tensors.update({f"input.{k}": v for k, v in sample.inputs.items()})
+        tensors.update({f"token.{k}": v for k, v in sample.token_inputs.items()})
         save_file({k: v.contiguous() for k, v in tensors.items()}, self._path(index))
 
     def target(self, index: int) -> TeacherTargets:
@@ -79,7 +82,11 @@ class TeacherCache:
             return self._targets[index]
         with safe_open(self._path(index), framework="pt") as handle:
             return TeacherTargets.from_tensors(
-                {k: handle.get_tensor(k) for k in handle.keys() if k != "ids"}
+                {
+                    k: handle.get_tensor(k)
+                    for k in handle.keys()
+                    if k != "ids" and not k.startswith(("input.", "token."))
+                }
             )
 
     def _path(self, index: int) -> str:
@@ -120,9 +127,23 @@ class TeacherCache:
             index = int(key)
             with safe_open(cache._path(index), framework="pt") as handle:
                 ids = handle.get_tensor("ids")
+                extra = {
+                    prefix: {
+                        k[len(prefix) + 1 :]: handle.get_tensor(k)
+                        for k in handle.keys()
+                        if k.startswith(prefix + ".")
+                    }
+                    for prefix in ("input", "token")
+                }
             expert = cache.experts[index]
             cache.samples[index] = Sample(
-                expert, CalibrationRecord(where), ids, start, truncated
+                expert,
+                CalibrationRecord(where),
+                ids,
+                start,
+                truncated,
+                inputs=extra["input"],
+                token_inputs=extra["token"],
             )
         return cache
 
@@ -134,10 +155,20 @@ def has_tokenizer(path: str) -> bool:
     )
 
 
-def load_tokenizer(candidates: Sequence[str], trust_remote_code: bool = False):
-    """The first candidate directory's tokenizer (expert, then its base)."""
+def load_tokenizer(
+    candidates: Sequence[str], trust_remote_code: bool = False, processor: bool = False
+):
+    """The first candidate directory's tokenizer (expert, then its base).
+
+    With ``processor`` (a vision-language expert) the first candidate that has
+    a processor gives it instead: it renders records with images.
+    """
     from transformers import AutoTokenizer
 
+    if processor:
+        for path in candidates:
+            if has_processor(path):
+                return load_processor(path, trust_remote_code)
     for path in candidates:
         if has_tokenizer(path):
             return AutoTokenizer.from_pretrained(
@@ -162,12 +193,15 @@ class Placement:
     trust_remote_code: bool = False
 
     def load(self, path: str, student: bool = False):
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig
 
         kwargs = {"dtype": self.dtype, "trust_remote_code": self.trust_remote_code}
+        config = AutoConfig.from_pretrained(
+            path, trust_remote_code=self.trust_remote_code
+        )
         if self.device_map is not None:
             kwargs["device_map"] = self.device_map
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = model_class(config).from_pretrained(path, **kwargs)
         if self.device_map is None:
             model = model.to(self.device)
         model.eval()
@@ -190,15 +224,24 @@ class Placement:
 
 @torch.no_grad()
 def generate_response(
-    model, tokenizer, prompt_ids: list[int], max_new_tokens: int
+    model,
+    tokenizer,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    inputs: dict[str, torch.Tensor] | None = None,
 ) -> list[int]:
-    """Greedy continuation of the prompt, up to and including an end-of-sequence token."""
+    """Greedy continuation of the prompt, up to and including an end-of-sequence token.
+
+    ``inputs``: the prompt's other model inputs (pixel values, image grids,
+    per-token inputs with a batch dimension), as the processor returned them.
+    """
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     output = model.generate(
         input_ids=torch.tensor([prompt_ids], device=device),
         attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=device),
+        **{k: v.to(device) for k, v in (inputs or {}).items()},
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=pad if pad is not None else 0,
@@ -213,7 +256,7 @@ def generate_response(
 @torch.no_grad()
 def score(
     model,
-    input_ids: torch.Tensor,
+    sample: Sample,
     hidden_layers: Sequence[int],
     placement: Placement,
     top_k: int | None = None,
@@ -222,7 +265,7 @@ def score(
     device = next(model.parameters()).device
     with placement.autocast():
         output = model(
-            input_ids=input_ids[None].to(device),
+            **sample.model_inputs(device),
             output_hidden_states=bool(hidden_layers),
             use_cache=False,
         )
@@ -267,15 +310,40 @@ def run_teachers(
             index += len(expert_records)
             if not mine:
                 continue
-            tokenizer = load_tokenizer(
-                tokenizer_paths[expert], placement.trust_remote_code
+            processor = load_tokenizer(
+                tokenizer_paths[expert],
+                placement.trust_remote_code,
+                processor=any(r.images for _, r in mine),
             )
+            tokenizer = getattr(processor, "tokenizer", processor)
             model = placement.load(path)
             for global_index, record in mine:
-                prompt_ids, response_ids = render(record, tokenizer)
+                inputs, token_inputs = {}, {}
+                if record.images:
+                    rendered = render_multimodal(record, processor)
+                    prompt_ids, response_ids = (
+                        rendered.prompt_ids,
+                        rendered.response_ids,
+                    )
+                    inputs, token_inputs = rendered.inputs, rendered.token_inputs
+                else:
+                    prompt_ids, response_ids = render(record, tokenizer)
                 if response_ids is None:
+                    if record.images and len(prompt_ids) > max_length:
+                        raise ExpertMergingError(
+                            f"{record.where}: the prompt is {len(prompt_ids)} tokens "
+                            f"long with its images, more than calibration.max_length="
+                            f"{max_length}; raise max_length"
+                        )
                     response_ids = generate_response(
-                        model, tokenizer, prompt_ids[:max_length], max_new_tokens
+                        model,
+                        tokenizer,
+                        prompt_ids[:max_length],
+                        max_new_tokens,
+                        {
+                            **inputs,
+                            **{k: v[None] for k, v in token_inputs.items()},
+                        },
                     )
                     cache.pseudo_labels.append(
                         {
@@ -287,9 +355,15 @@ def run_teachers(
                         }
                     )
                 sample = make_sample(
-                    expert, record, prompt_ids, response_ids, max_length
+                    expert,
+                    record,
+                    prompt_ids,
+                    response_ids,
+                    max_length,
+                    inputs,
+                    token_inputs,
                 )
-                target = score(model, sample.input_ids, hidden_layers, placement, top_k)
+                target = score(model, sample, hidden_layers, placement, top_k)
                 if not all(
                     bool(torch.isfinite(t).all())
                     for t in [target.logits, *target.hidden]

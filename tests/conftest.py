@@ -183,3 +183,17 @@ def expert_config(
             **(calibration or {}),
         },
     }
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fail loudly if anything loads model weights."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was validated")
+
+    monkeypatch.setattr(
+        transformers.PreTrainedModel, "from_pretrained", classmethod(refuse)
+    )
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)

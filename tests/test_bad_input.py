@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import transformers
 import yaml
 from click.testing import CliRunner
@@ -17,19 +16,6 @@ from conftest import (
     write_jsonl,
 )
 from mergekit_expert.cli import main
-
-
-@pytest.fixture
-def no_model_loads(monkeypatch):
-    """Fail loudly if anything loads model weights."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the input was validated")
-
-    monkeypatch.setattr(
-        transformers.PreTrainedModel, "from_pretrained", classmethod(refuse)
-    )
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
 
 
 def run_failing(tmp_path, document, *extra) -> str:
