@@ -24,6 +24,8 @@ test: $(STAMP)
 # Benchmarks write their results under benchmarks/results/ (the GPU one,
 # benchmarks/gpu_scale.py, needs a GPU machine and is run by hand).
 bench: $(STAMP)
+	$(BIN)/python benchmarks/quality.py
+	$(BIN)/python benchmarks/perf.py
 	$(BIN)/python benchmarks/scale.py
 	$(BIN)/python examples/demo/run.py --out demo_out
 	$(BIN)/python benchmarks/topk_cost.py demo_out
