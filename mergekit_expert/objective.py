@@ -48,21 +48,15 @@ def hidden_loss(
 
 
 def regularizer(
-    alphas: Mapping[str, torch.Tensor],
-    targets: Sequence[float] | Mapping[str, torch.Tensor],
+    alphas: Mapping[str, torch.Tensor], targets: Sequence[float]
 ) -> torch.Tensor:
-    """R = sum_k sum_slots |alpha - target| / (coefficient slots per expert).
+    """R = sum_k sum_slots |alpha - init_k| / (coefficient slots per expert).
 
-    ``alphas`` maps each weight to its [K, m] coefficients; ``targets`` is the
-    initial alpha of each expert, or a [K, m] anchor per weight.
+    ``alphas`` maps each weight to its [K, m] coefficients; ``targets`` holds
+    each expert's initial alpha.
     """
     matrices = list(alphas.values())
     slots = sum(m.shape[1] for m in matrices)
-    if isinstance(targets, Mapping):
-        total = sum((a - targets[n].to(a)).abs().sum() for n, a in alphas.items())
-    else:
-        target = torch.tensor(
-            targets, dtype=matrices[0].dtype, device=matrices[0].device
-        )
-        total = sum((m - target[:, None]).abs().sum() for m in matrices)
+    target = torch.tensor(targets, dtype=matrices[0].dtype, device=matrices[0].device)
+    total = sum((m - target[:, None]).abs().sum() for m in matrices)
     return total / slots

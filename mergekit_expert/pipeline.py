@@ -723,7 +723,6 @@ def prepare_stage2(student, stage1_alphas, stage1_raw, settings) -> Allocation:
         chunks=allocation.trainable,
         start=stage1_raw if warm else None,
         fixed=fixed,
-        anchor_at_start=warm,
     )
     LOG.info(
         "stage 2: %d chunks over %d weights (budget %.1f), %d fixed",

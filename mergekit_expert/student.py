@@ -82,7 +82,6 @@ class Student:
         chunks: Mapping[str, int] | None = None,
         start: Mapping[str, torch.Tensor] | None = None,
         fixed: Mapping[str, torch.Tensor] | None = None,
-        anchor_at_start: bool = False,
     ) -> None:
         """(Re)create the raw coefficients: alpha = init_k everywhere, or ``start``.
 
@@ -90,8 +89,8 @@ class Student:
         count); ``start`` gives initial raw (pre-activation) values [K, m] or
         [K, 1] to broadcast, so a warm start reproduces alphas bit for bit;
         weights in ``fixed`` keep those alphas [K, 1] and are not trained.
-        The regularizer pulls towards ``init``, or with ``anchor_at_start``
-        towards the starting alphas (a warm start refines around them).
+        The regularizer always pulls towards ``init`` (the paper's R), so a
+        warm-started stage 2 keeps minimizing stage 1's objective.
         """
         # The regularizer's target is the float32 alpha the raw init really gives,
         # so |alpha - init| starts at exactly 0 (Adam would amplify rounding noise).
@@ -116,15 +115,10 @@ class Student:
                 values.to(device=device, dtype=torch.float32).clone()
             )
             self.weights[name].requires_grad_(True)
-        self.anchor = (
-            {name: self.activation(w).detach().clone() for name, w in self.raw.items()}
-            if anchor_at_start
-            else None
-        )
 
     def regularizer(self) -> torch.Tensor:
         """R of the current trainable alphas (METHOD.md), in the graph of w."""
-        return regularizer(self.alphas(), self.anchor or self.init)
+        return regularizer(self.alphas(), self.init)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.raw.values())

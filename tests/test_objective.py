@@ -53,17 +53,3 @@ def test_regularizer_normalizes_by_slots_per_expert():
     # expert 0: |0.5-0.3| + |0.3-0.3| + |0.2-0.3| + |0.4-0.3| = 0.4
     # expert 1: |0.1-0.2| + |0.0-0.2| + |0.2-0.2| + |0.6-0.2| = 0.7; 4 slots per expert
     assert math.isclose(float(regularizer(alphas, init)), (0.4 + 0.7) / 4, rel_tol=1e-6)
-
-
-def test_regularizer_with_a_per_weight_anchor():
-    alphas = {
-        "w1": torch.tensor([[0.5], [0.1]]),
-        "w2": torch.tensor([[0.3, 0.2], [0.0, 0.6]]),
-    }
-    anchor = {
-        "w1": torch.tensor([[0.4], [0.1]]),
-        "w2": torch.tensor([[0.3, 0.3], [0.1, 0.6]]),
-    }
-    # |0.1| + |0| + |0| + |0.1| + |0| + |0.1| + |0| over 3 slots per expert
-    assert math.isclose(float(regularizer(alphas, anchor)), 0.3 / 3, rel_tol=1e-6)
-    assert float(regularizer(anchor, anchor)) == 0.0
