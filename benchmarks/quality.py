@@ -79,7 +79,9 @@ class QualityConfig:
     """Everything that determines the trained models (the cache fingerprint)."""
 
     data: DataConfig = field(
-        default_factory=lambda: DataConfig(arith_val=300, arith_test=1000)
+        default_factory=lambda: DataConfig(
+            arith_val=300, arith_test=1000, test_frac=0.25
+        )
     )
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
@@ -498,7 +500,7 @@ NOTES = [
     "- Experts are fine-tuned at lr 3e-4, so a task vector is about 5 % of the "
     "weights' norm; at 1e-3 (14 %) every merge lost to the base.",
     "- `linear` is the plain average of the experts, i.e. task arithmetic at "
-    "λ = 1/K = 0.25, a value outside task_arithmetic's prescribed grid.",
+    "λ = 1/K = 0.25, a value outside the prescribed task_arithmetic grid.",
     "- Each calibration stage keeps the coefficients with the lowest objective "
     "(alignment + γ·R). A run whose training never lowers it below its start "
     "(e.g. logit loss alone, where γ·R outweighs the alignment gain) ends at "
