@@ -51,6 +51,13 @@ class CalibrationRecord:
         return self.response is None
 
 
+def batched(
+    inputs: dict[str, torch.Tensor], token_inputs: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Processor outputs for a one-sequence batch: per-token ones gain a batch axis."""
+    return {k: v[None] for k, v in token_inputs.items()} | inputs
+
+
 @dataclass
 class Sample:
     """One tokenized calibration sequence, aligned against its expert."""
@@ -65,12 +72,14 @@ class Sample:
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     token_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def extra_inputs(self) -> dict[str, torch.Tensor]:
+        """The model inputs besides ``input_ids``, for a one-sequence batch."""
+        return batched(self.inputs, self.token_inputs)
+
     def model_inputs(self, device: torch.device | str) -> dict[str, torch.Tensor]:
         """Keyword arguments of the model's forward for this one-sequence batch."""
-        inputs = {"input_ids": self.input_ids[None].to(device)}
-        inputs.update({k: v[None].to(device) for k, v in self.token_inputs.items()})
-        inputs.update({k: v.to(device) for k, v in self.inputs.items()})
-        return inputs
+        inputs = {"input_ids": self.input_ids[None]} | self.extra_inputs()
+        return {k: v.to(device) for k, v in inputs.items()}
 
     def align_mask(self, align: str) -> torch.Tensor | None:
         """Positions whose logits are aligned: all, or those predicting the response."""

@@ -18,7 +18,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .data import CalibrationRecord, Sample, make_sample, render, render_multimodal
+from .data import (
+    CalibrationRecord,
+    Sample,
+    batched,
+    make_sample,
+    render,
+    render_multimodal,
+)
 from .distributed import owns, rank, world_size
 from .errors import ExpertMergingError
 from .multimodal import has_processor, load_processor, model_class
@@ -340,10 +347,7 @@ def run_teachers(
                         tokenizer,
                         prompt_ids[:max_length],
                         max_new_tokens,
-                        {
-                            **inputs,
-                            **{k: v[None] for k, v in token_inputs.items()},
-                        },
+                        batched(inputs, token_inputs),
                     )
                     cache.pseudo_labels.append(
                         {

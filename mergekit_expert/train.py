@@ -69,9 +69,8 @@ def sample_loss(
     target = cache.target(index)
     mask = sample.align_mask(config.align)
     use_hidden = config.hidden_weight > 0 and bool(hidden_layers)
-    inputs = sample.model_inputs("cpu")
     logits, hidden = student.forward(
-        inputs.pop("input_ids")[0], hidden_layers if use_hidden else (), inputs
+        sample.input_ids, hidden_layers if use_hidden else (), sample.extra_inputs()
     )
     device = logits.device
     if mask is not None:
