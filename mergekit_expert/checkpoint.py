@@ -1,20 +1,17 @@
-"""Resumable calibration: the working directory, fingerprints and atomic checkpoints.
+"""Resumable calibration: fingerprints of the inputs and atomic state files.
 
-A run works in ``OUT.partial/`` next to OUT: the teacher cache, the calibration
-checkpoint (rewritten atomically after every optimizer step) and the staged
-output, which replaces OUT only when it is complete. Re-running the same
-command resumes from the checkpoint; a changed config, model or data file
-changes the fingerprint, and the stale state is discarded with a message.
-Everything is safetensors plus JSON: nothing is ever unpickled.
+The calibration checkpoint lives in ``OUT.partial/`` (see
+:mod:`mergekit_expert.output`) and is rewritten atomically after every
+optimizer step. A changed config, model or data file changes the fingerprint,
+and the stale state is discarded with a message. Everything is safetensors
+plus JSON: nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,13 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-LOG = logging.getLogger(__name__)
-
 CHECKPOINT = "checkpoint.safetensors"
-
-
-def work_dir_for(out_path: str) -> str:
-    return os.path.abspath(out_path).rstrip(os.sep) + ".partial"
 
 
 def _file_identity(path: str) -> list:
@@ -95,61 +86,3 @@ def load_state(path: str) -> tuple[dict[str, torch.Tensor], dict]:
         state = json.loads((handle.metadata() or {})["state"])
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     return tensors, state
-
-
-class WorkDir:
-    """``OUT.partial``: where a run keeps what it needs to resume, and stages OUT."""
-
-    def __init__(self, out_path: str, fingerprint_value: str):
-        self.out_path = os.path.abspath(out_path)
-        self.path = work_dir_for(out_path)
-        self.fingerprint = fingerprint_value
-        # Named like OUT: mergekit titles the model card after the directory.
-        self.staging = os.path.join(self.path, os.path.basename(self.out_path))
-
-    def open(self) -> None:
-        """Create the directory, discarding state made for other inputs."""
-        marker = os.path.join(self.path, "fingerprint.json")
-        if os.path.isdir(self.path):
-            previous = None
-            if os.path.exists(marker):
-                with open(marker, encoding="utf-8") as handle:
-                    previous = json.load(handle).get("fingerprint")
-            if previous != self.fingerprint:
-                LOG.warning(
-                    "discarding the saved calibration state in %s: the config, a model "
-                    "or a calibration file changed since it was written; starting over",
-                    self.path,
-                )
-                shutil.rmtree(self.path)
-            else:
-                LOG.warning(
-                    "resuming from the saved calibration state in %s", self.path
-                )
-        os.makedirs(self.path, exist_ok=True)
-        with open(marker, "w", encoding="utf-8") as handle:
-            json.dump({"fingerprint": self.fingerprint}, handle)
-        if os.path.isdir(self.staging):
-            shutil.rmtree(self.staging)  # a half-written output is never reused
-
-    def file(self, name: str) -> str:
-        return os.path.join(self.path, name)
-
-    def load(self, name: str) -> tuple[dict[str, torch.Tensor], dict] | None:
-        path = self.file(name)
-        if not os.path.exists(path):
-            return None
-        try:
-            return load_state(path)
-        except Exception as error:  # a torn or foreign file: start that part over
-            LOG.warning("ignoring unreadable %s (%s)", path, error)
-            return None
-
-    def publish(self) -> None:
-        """Move the staged output into place, then drop the working directory."""
-        old = None
-        if os.path.lexists(self.out_path):
-            old = os.path.join(self.path, "previous")
-            os.replace(self.out_path, old)
-        os.replace(self.staging, self.out_path)
-        shutil.rmtree(self.path, ignore_errors=True)

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 FORMAT = "mergekit-expert/1"
 ARTIFACT_DIR = "expert_merging"
 ARTIFACT_NAME = "coefficients.safetensors"
+METHOD_NAMES = ("expert_merging", "expert_merging_pp")
 
 
 def chunk_size(numel: int, chunks: int) -> int:
@@ -128,14 +129,43 @@ class CoefficientArtifact:
         ]
         if missing:
             raise ValueError(f"{path!r} lacks metadata field(s) {missing}")
+        method = metadata["method"]
+        if method not in METHOD_NAMES:
+            raise ValueError(
+                f"{path!r} was made by method {method!r}; a coefficients artifact "
+                f"belongs to one of {list(METHOD_NAMES)}"
+            )
+        try:
+            experts, init = (
+                json.loads(metadata["experts"]),
+                json.loads(metadata["init"]),
+            )
+        except ValueError as error:
+            raise ValueError(f"{path!r} has unreadable metadata ({error})") from None
+        for name, value in tensors.items():
+            _check_matrix(path, name, value, method)
         return cls(
             coefficients=tensors,
-            method=metadata["method"],
+            method=method,
             base=metadata["base"],
-            experts=json.loads(metadata["experts"]),
-            init=json.loads(metadata["init"]),
+            experts=experts,
+            init=init,
         )
 
 
-def artifact_path(out_path: str) -> str:
-    return os.path.join(out_path, ARTIFACT_DIR, ARTIFACT_NAME)
+def _check_matrix(path: str, name: str, value: torch.Tensor, method: str) -> None:
+    """A stored coefficient matrix must be finite float32 [K, m], m = 1 for stage 1."""
+    problem = None
+    if value.dtype != torch.float32:
+        problem = f"is {str(value.dtype).replace('torch.', '')}, not float32"
+    elif value.ndim != 2 or value.numel() == 0:
+        problem = f"has shape {list(value.shape)}, not [experts, chunks]"
+    elif not bool(torch.isfinite(value).all()):
+        problem = "holds NaN or infinite values"
+    elif method == "expert_merging" and value.shape[1] != 1:
+        problem = f"has {value.shape[1]} chunks, but expert_merging has one per weight"
+    if problem is not None:
+        raise ValueError(
+            f"{path!r}: the coefficients of {name} {problem}; the artifact is damaged "
+            "or was edited: calibrate again, or restore the file a merge wrote"
+        )

@@ -17,8 +17,8 @@ from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .coefficients import METHOD_NAMES
 from .errors import ExpertMergingError
-from .methods import METHOD_NAMES
 
 DEFAULT_EXCLUDE = (
     r"embed",
@@ -35,7 +35,7 @@ INIT_GRID = tuple(round(0.1 * i, 1) for i in range(1, 11))
 class CalibrationConfig(BaseModel):
     """Top-level ``calibration:`` block; every default is the paper's (METHOD.md)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     samples_per_expert: int = Field(5, ge=1)
     allow_fewer_samples: bool = False
@@ -113,7 +113,7 @@ class CalibrationConfig(BaseModel):
 class ExpertParameters(BaseModel):
     """Per-model ``parameters:`` of an expert."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     calibration: str | None = None
     task_weight: float = Field(1.0, ge=0)
@@ -122,7 +122,7 @@ class ExpertParameters(BaseModel):
 class SharedParameters(BaseModel):
     """Top-level ``parameters:`` of an expert merging config."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     coefficients: str | None = None
 
@@ -159,8 +159,41 @@ class ExpertMergePlan:
         return list(init)
 
 
+# Names other tools and papers use for our keys.
+SYNONYMS = {
+    "learning_rate": "lr",
+    "learningrate": "lr",
+    "gamma": "reg_weight",
+    "regularization": "reg_weight",
+    "regularizer_weight": "reg_weight",
+    "lambda": "reg_weight",
+    "num_epochs": "epochs",
+    "n_epochs": "epochs",
+    "num_samples": "samples_per_expert",
+    "samples": "samples_per_expert",
+    "n_samples": "samples_per_expert",
+    "gradient_accumulation_steps": "accumulation",
+    "grad_accum": "accumulation",
+    "alpha": "init",
+    "init_alpha": "init",
+    "beta": "task_weight",
+    "data": "calibration",
+    "dataset": "calibration",
+    "calibration_data": "calibration",
+    "max_grad_norm": "grad_clip",
+    "clip": "grad_clip",
+    "seq_len": "max_length",
+    "max_seq_length": "max_length",
+    "top_k": "teacher_top_k",
+}
+
+
 def _nearest(key: str, valid: Any) -> str:
-    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    valid = list(valid)
+    synonym = SYNONYMS.get(key.lower().replace("-", "_"))
+    if synonym in valid:
+        return f"; did you mean {synonym!r}?"
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     return (
         f"; did you mean {match[0]!r}?" if match else f"; valid keys: {sorted(valid)}"
     )

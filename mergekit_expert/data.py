@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -141,6 +142,10 @@ def _raw_rows(path: str) -> Iterator[tuple[str, object]]:
                     f"{path}:{number}: invalid JSON ({error.msg}); each line must be "
                     'one object such as {"text": ...}'
                 ) from None
+            except RecursionError:
+                raise ExpertMergingError(
+                    f"{path}:{number}: JSON nested too deeply to be a record"
+                ) from None
     elif extension == ".json":
         try:
             rows = json.loads(content)
@@ -148,6 +153,8 @@ def _raw_rows(path: str) -> Iterator[tuple[str, object]]:
             raise ExpertMergingError(
                 f"{path}:{error.lineno}: invalid JSON ({error.msg})"
             ) from None
+        except RecursionError:
+            raise ExpertMergingError(f"{path}: JSON nested too deeply") from None
         if not isinstance(rows, list):
             raise ExpertMergingError(
                 f"{path}: a .json calibration file must hold a list of records"
@@ -168,6 +175,19 @@ def _string(row: dict, key: str, where: str) -> str | None:
     value = row.get(key)
     if value is not None and not isinstance(value, str):
         raise ExpertMergingError(f"{where}: field {key!r} must be a string")
+    return None if value is None else _unicode(value, where, key)
+
+
+def _unicode(value: str, where: str, key: str) -> str:
+    """Text a tokenizer can take: no lone surrogate halves (e.g. "\\ud800")."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ExpertMergingError(
+            f"{where}: field {key!r} holds an unpaired surrogate "
+            f"({value[error.start]!r} at character {error.start}), which is not "
+            "valid Unicode text; fix the escape sequence in the file"
+        ) from None
     return value
 
 
@@ -193,7 +213,7 @@ def _content(value: object, where: str, images: list[str], folder: str) -> Conte
     takes the next path of the record's ``image`` list.
     """
     if isinstance(value, str):
-        return value
+        return _unicode(value, where, "content")
     if not isinstance(value, list) or not value:
         raise ExpertMergingError(
             f"{where}: a message's 'content' must be a string or a non-empty list of "
@@ -203,7 +223,7 @@ def _content(value: object, where: str, images: list[str], folder: str) -> Conte
     for part in value:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
-            parts.append(("text", part["text"]))
+            parts.append(("text", _unicode(part["text"], where, "text")))
         elif kind == "image":
             path = part.get("image") or part.get("path")
             if path is None:
@@ -275,7 +295,7 @@ def parse_record(row: object, where: str, folder: str = ".") -> CalibrationRecor
                     f"{where}: each message needs a string 'role' and a 'content'"
                 )
             content = _content(message.get("content"), where, images, folder)
-            parsed.append((message["role"], content))
+            parsed.append((_unicode(message["role"], where, "role"), content))
         if images:  # paths not claimed by an image part go before the first text
             role, content = parsed[0]
             if isinstance(content, str):
@@ -325,6 +345,11 @@ def load_records(path: str) -> list[CalibrationRecord]:
         raise ExpertMergingError(
             f"calibration file {path!r} does not exist (paths are relative to the "
             "directory you run mergekit-expert from)"
+        )
+    if not (os.path.isdir(path) or stat.S_ISREG(os.stat(path).st_mode)):
+        raise ExpertMergingError(
+            f"calibration file {path!r} is not a regular file (a pipe or device "
+            f"cannot be read ahead of time); give {SUPPORTED}"
         )
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     records = [parse_record(row, where, folder) for where, row in _raw_rows(path)]

@@ -32,8 +32,6 @@ from mergekit.merge_methods.base import (
 
 from .coefficients import CoefficientArtifact, chunk_count, expand_chunks
 
-METHOD_NAMES = ("expert_merging", "expert_merging_pp")
-
 Coefficient = float | list[float] | None
 
 
@@ -167,10 +165,10 @@ EXPERT_MERGING_PP = ExpertMergingMethod("expert_merging_pp", "Expert Merging++")
 
 def register() -> None:
     """Register both methods with mergekit; calling it again does nothing."""
-    from .multimodal import fix_mergekit_architectures
+    from . import compat
 
     known = {method.spec.name for method in merge_methods.registered_methods()}
     for method in (EXPERT_MERGING, EXPERT_MERGING_PP):
         if method.spec.name not in known:
             merge_methods.register(method)
-    fix_mergekit_architectures()
+    compat.apply()

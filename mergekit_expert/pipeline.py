@@ -2,10 +2,10 @@
 
 Order of work: validate everything that can be validated without loading a
 model (config keys, calibration files, tensor shapes from safetensors headers,
-an existing artifact); then the teacher pass; then coefficient training; then
-``mergekit.merge.run_merge`` with the artifact; then the report. Nothing is
-written to OUT before calibration has finished, and a failed run removes an OUT
-it created.
+an existing artifact, and where the run may write); then the teacher pass; then
+coefficient training; then ``mergekit.merge.run_merge`` with the artifact;
+then the report. Nothing is written to OUT before the merge is complete: it is
+staged in ``OUT.partial`` and moved into place at the end.
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 
 import torch
 from mergekit.common import ModelReference
+from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
+from pydantic import ValidationError
 
-from .checkpoint import CHECKPOINT, WorkDir, fingerprint, save_state
+from .checkpoint import CHECKPOINT, fingerprint, save_state
 from .coefficients import ARTIFACT_DIR, ARTIFACT_NAME, CoefficientArtifact
-from .config import Expert, ExpertMergePlan, parse_plan
-from .data import CalibrationRecord, choose_records, load_records
+from .config import ExpertMergePlan, parse_plan
 from .distributed import all_reduce_sum, barrier, gather_lists, is_main, world_size
 from .distributed import setup as setup_distributed
 from .errors import ExpertMergingError
@@ -39,15 +40,18 @@ from .importance import (
     allocate_chunks,
     layer_importance,
 )
-from .methods import load_artifact_cached
-from .multimodal import (
-    checkpoint_parameters,
-    has_processor,
-    is_multimodal,
-    load_processor,
+from .multimodal import checkpoint_parameters
+from .output import InputPath, WorkDir, check_output_location, check_replaceable
+from .preflight import (
+    Checked,
+    check_device,
+    model_inputs,
+    option_inputs,
+    preflight,
+    resolve_models,
 )
 from .report import card_section, plot_coefficients, write_json
-from .student import Student, check_hidden_layers, select_weights
+from .student import Student, select_weights
 from .task_vectors import (
     CheckpointReader,
     ResidentTaskVectors,
@@ -66,16 +70,6 @@ from .train import (
 )
 
 LOG = logging.getLogger(__name__)
-
-
-@dataclass
-class Checked:
-    """What preflight learned, so later stages need not re-read it."""
-
-    records: list[list[CalibrationRecord]]
-    n_blocks: int
-    hidden_layers: list[int]
-    artifact: CoefficientArtifact | None = None
 
 
 @dataclass
@@ -131,197 +125,6 @@ def stage_peak_bytes() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return 0
-
-
-def _text_config(config):
-    getter = getattr(config, "get_text_config", None)
-    return getter() if getter else config
-
-
-def _local_dir(reference: ModelReference) -> str | None:
-    path = reference.model.path
-    return path if os.path.isdir(path) else None
-
-
-def _header_shapes(path: str) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes from safetensors headers; no tensor data is read."""
-    from mergekit.io import ShardedTensorIndex
-    from safetensors import safe_open
-
-    index = ShardedTensorIndex.from_disk(path)
-    shapes = {}
-    by_file: dict[str, list[str]] = {}
-    for name, shard in index.tensor_paths.items():
-        by_file.setdefault(shard, []).append(name)
-    for shard, names in by_file.items():
-        full = os.path.join(path, shard)
-        if not full.endswith(".safetensors"):
-            return {}
-        with safe_open(full, framework="pt") as handle:
-            for name in names:
-                shapes[name] = tuple(handle.get_slice(name).get_shape())
-    return shapes
-
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-def check_weight_format(directory: str, what: str, allow_pickle: bool) -> None:
-    """Refuse pickle-only checkpoints (loading them can run code) unless allowed."""
-    names = os.listdir(directory)
-    if any(name.endswith(".safetensors") for name in names):
-        return
-    pickled = sorted(name for name in names if name.endswith(PICKLE_SUFFIXES))
-    if not pickled:
-        return
-    if not allow_pickle:
-        raise ExpertMergingError(
-            f"{what} {directory} has only pickle weights ({pickled[0]}); unpickling can "
-            "run arbitrary code. Convert it to safetensors, or pass --allow-pickle if "
-            "you trust the files"
-        )
-    LOG.warning("reading pickle weights of %s %s (--allow-pickle)", what, directory)
-
-
-def preflight(
-    plan: ExpertMergePlan,
-    options: MergeOptions,
-    coefficients: str | None,
-    allow_pickle: bool = False,
-) -> Checked:
-    """Every check that needs no model weights; raises ExpertMergingError."""
-    trust = options.trust_remote_code
-    references = [plan.base] + [e.reference for e in plan.experts]
-    for reference in references:
-        for path, what in (
-            (reference.model.path, "model"),
-            (reference.lora.path if reference.lora else None, "LoRA adapter"),
-        ):
-            if path and os.path.isdir(path):
-                check_weight_format(path, what, allow_pickle)
-    configs = {}
-    for reference in references:
-        if (
-            reference.lora is not None
-            and not os.path.isdir(reference.lora.path)
-            and os.path.exists(reference.lora.path)
-        ):
-            raise ExpertMergingError(
-                f"LoRA adapter {reference.lora.path!r} is not a directory"
-            )
-        try:
-            configs[reference] = _text_config(reference.config(trust_remote_code=trust))
-        except Exception as error:
-            raise ExpertMergingError(
-                f"cannot read the config of model {reference}: {error}"
-            ) from None
-    base_config = configs[plan.base]
-    vocab = getattr(base_config, "vocab_size", None)
-    for expert in plan.experts:
-        other = getattr(configs[expert.reference], "vocab_size", None)
-        if vocab is not None and other is not None and other != vocab:
-            raise ExpertMergingError(
-                f"expert {expert.name} has vocabulary size {other} but the base has "
-                f"{vocab}; expert merging needs experts fine-tuned from the same base"
-            )
-    base_dir = _local_dir(plan.base)
-    base_shapes = (
-        _header_shapes(base_dir) if base_dir and plan.base.lora is None else {}
-    )
-    for expert in plan.experts:
-        expert_dir = _local_dir(expert.reference)
-        if not base_shapes or expert.reference.lora is not None or expert_dir is None:
-            continue
-        for name, shape in _header_shapes(expert_dir).items():
-            if name not in base_shapes:
-                raise ExpertMergingError(
-                    f"expert {expert.name} has tensor {name} that the base model lacks; "
-                    "experts must share the base's architecture"
-                )
-            if base_shapes[name] != shape:
-                raise ExpertMergingError(
-                    f"tensor {name} has shape {list(shape)} in expert {expert.name} but "
-                    f"{list(base_shapes[name])} in the base; experts must share the "
-                    "base's architecture"
-                )
-    n_blocks = int(getattr(base_config, "num_hidden_layers", 0) or 0)
-    settings = plan.calibration
-    hidden_layers = settings.hidden_layers
-    if hidden_layers is None:
-        hidden_layers = [n_blocks // 2]
-    check_hidden_layers(hidden_layers, n_blocks)
-    artifact = None
-    path = coefficients or plan.coefficients
-    records: list[list[CalibrationRecord]] = []
-    if path is not None:
-        try:
-            artifact = load_artifact_cached(path)
-        except (OSError, ValueError) as error:
-            raise ExpertMergingError(str(error)) from None
-        names = [e.name for e in plan.experts]
-        if list(artifact.experts) != names:
-            raise ExpertMergingError(
-                f"coefficients artifact {path} was calibrated for experts "
-                f"{list(artifact.experts)}, but the config lists {names}"
-            )
-        if base_shapes:
-            for name in artifact.coefficients:
-                if name not in base_shapes:
-                    raise ExpertMergingError(
-                        f"coefficients artifact {path} has weight {name}, which the "
-                        f"base model {plan.base} lacks"
-                    )
-    else:
-        for k, expert in enumerate(plan.experts):
-            found = load_records(expert.calibration)
-            records.append(
-                choose_records(
-                    found,
-                    settings.samples_per_expert,
-                    settings.seed + k,
-                    allow_fewer=settings.allow_fewer_samples,
-                    source=f"calibration file {expert.calibration!r} of {expert.name}",
-                )
-            )
-        for expert, chosen in zip(plan.experts, records):
-            with_images = next((r for r in chosen if r.images), None)
-            if with_images is not None:
-                check_processor(expert, plan.base, with_images, trust)
-    return Checked(
-        records=records,
-        n_blocks=n_blocks,
-        hidden_layers=hidden_layers,
-        artifact=artifact,
-    )
-
-
-def check_processor(
-    expert: Expert, base: ModelReference, record: CalibrationRecord, trust: bool
-) -> None:
-    """An expert with image records needs a processor with a chat template."""
-    candidates = [
-        p
-        for p in (expert.reference.model.path, base.model.path)
-        if os.path.isdir(p) and has_processor(p)
-    ]
-    config = expert.reference.config(trust_remote_code=trust)
-    if not is_multimodal(config) or not candidates:
-        raise ExpertMergingError(
-            f"{record.where}: the record has images, but expert {expert.name} is not "
-            "a vision-language model with a saved processor (preprocessor_config.json)"
-        )
-    try:
-        processor = load_processor(candidates[0], trust)
-    except Exception as error:
-        raise ExpertMergingError(
-            f"cannot load the processor of expert {expert.name} from {candidates[0]}: "
-            f"{error}"
-        ) from None
-    if not getattr(processor, "chat_template", None):
-        raise ExpertMergingError(
-            f"the processor of expert {expert.name} ({candidates[0]}) has no chat "
-            "template; records with images are rendered with it"
-        )
 
 
 def _tokenizer_candidates(
@@ -779,8 +582,10 @@ def run_expert_merge(
     options: MergeOptions,
     *,
     config_source: str | None = None,
+    config_file: str | None = None,
     coefficients: str | None = None,
     allow_pickle: bool = False,
+    overwrite: bool = False,
 ) -> None:
     """The whole job: validate, calibrate (unless given coefficients), merge, report.
 
@@ -789,7 +594,9 @@ def run_expert_merge(
     running the same command again resumes from it.
     """
     plan = parse_plan(document)
-    checked = preflight(plan, options, coefficients, allow_pickle)
+    checked = preflight(plan, options, coefficients, allow_pickle, config_file)
+    check_output_location(out_path, checked.inputs)
+    check_replaceable(out_path, overwrite)
     references = [plan.base] + [e.reference for e in plan.experts]
     model_paths = sorted(
         {
@@ -808,7 +615,7 @@ def run_expert_merge(
         update={"device": setup_distributed(options.device or "cpu")}
     )
     if is_main():
-        work.open()  # rank 0 alone prepares OUT.partial ...
+        work.open()  # rank 0 alone prepares and locks OUT.partial ...
     barrier()  # ... and the other ranks find it ready
     lora_cache = options.lora_merge_cache or work.file("lora")
     merge_options = options.model_copy(update={"lora_merge_cache": lora_cache})
@@ -836,17 +643,58 @@ def run_expert_merge(
         _finish(work.staging, artifact, artifact_file, report, clock, options)
         work.publish()
     except BaseException:
-        shutil.rmtree(work.staging, ignore_errors=True)
-        if checked.artifact is not None or not os.path.exists(work.file(CHECKPOINT)):
-            shutil.rmtree(work.path, ignore_errors=True)
-        else:
-            LOG.error(
-                "the calibration state is kept in %s: run the same command again to "
-                "resume; %s was not changed",
-                work.path,
-                out_path,
-            )
+        if is_main():
+            work.discard_staging()
+            if checked.artifact is not None or not os.path.exists(
+                work.file(CHECKPOINT)
+            ):
+                work.remove()
+            else:
+                LOG.error(
+                    "the calibration state is kept in %s: run the same command again "
+                    "to resume; %s was not changed",
+                    work.path,
+                    out_path,
+                )
         raise
+    finally:
+        work.close()
+
+
+def run_plain_merge(
+    document: dict,
+    out_path: str,
+    options: MergeOptions,
+    *,
+    config_source: str,
+    config_file: str,
+    overwrite: bool = False,
+) -> None:
+    """Any other mergekit method, under the same output rules as expert merging:
+    validated inputs, a locked ``OUT.partial``, an atomic replace at the end."""
+    try:
+        merge_config = MergeConfiguration.model_validate(document)
+    except (ValidationError, ValueError, RuntimeError) as error:
+        raise ExpertMergingError(f"invalid mergekit configuration: {error}") from None
+    check_device(options.device)
+    named = [(r, f"model {r}") for r in merge_config.referenced_models()]
+    inputs = model_inputs(resolve_models(named, allow_pickle=None))
+    inputs += option_inputs(options)
+    inputs.append(InputPath(config_file, "the config file"))
+    check_output_location(out_path, inputs)
+    check_replaceable(out_path, overwrite)
+    work = WorkDir(out_path, f"mergekit:{merge_config.merge_method}")
+    work.open()
+    try:
+        run_merge(
+            merge_config, work.staging, options=options, config_source=config_source
+        )
+        work.publish()
+    except BaseException:
+        work.remove()
+        raise
+    finally:
+        work.close()
 
 
 def _finish(out_path, artifact, artifact_file, report, clock, options) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -19,9 +20,20 @@ def _block_and_projection(name: str) -> tuple[int | None, str]:
     return int(match.group(1)), match.group(2)
 
 
+def finite_json(value):
+    """``value`` with every NaN or infinity replaced by None (strict JSON has neither)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
 def write_json(path: str, report: Mapping) -> None:
     with open(path, "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2)
+        json.dump(finite_json(report), handle, indent=2, allow_nan=False)
 
 
 def _grid(

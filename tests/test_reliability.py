@@ -20,7 +20,9 @@ from safetensors.torch import load_file, save_file
 from conftest import expert_config
 from mergekit_expert.cli import main
 
-LONG = {"epochs": 10, "patience": 100, "budget": 3.0}
+# Settings where every epoch lowers the objective, so a resume that restored
+# the wrong state could not hide behind coefficients that never moved.
+LONG = {"epochs": 10, "patience": 100, "budget": 3.0, "reg_weight": 0.0, "lr": 0.05}
 
 
 def write_config(tmp_path, document, name="merge.yml") -> str:
@@ -81,6 +83,12 @@ def test_sigkill_in_stage1_and_stage2_then_resume_is_identical(tiny, tmp_path):
     config = write_config(tmp_path, document)
     reference = tmp_path / "reference"
     assert run_cli(config, str(reference)).exit_code == 0
+    report = json.load(open(reference / "expert_merging" / "report.json"))
+    for stage in ("stage1", "stage2"):
+        objective = report[stage]["objective"]
+        assert report[stage]["kept_epoch"] == len(objective) - 1 == 10, stage
+        assert all(b < a for a, b in zip(objective, objective[1:])), objective
+    assert any((a - 0.3).abs().max() > 1e-3 for a in artifact(reference).values())
 
     out = tmp_path / "out"
     run_until_killed(config, out, "stage1", steps=3)
@@ -146,14 +154,16 @@ def test_failure_during_write_keeps_existing_out(tiny, tmp_path, monkeypatch):
         return real_save(self, name, tensor, clone)
 
     monkeypatch.setattr(TensorWriter, "save_tensor", failing_save)
-    result = CliRunner().invoke(main, [config, str(out), "--quiet"])
+    result = CliRunner().invoke(main, [config, str(out), "--quiet", "--overwrite"])
     assert result.exit_code != 0 and calls["n"] == 5
     assert tree_digest(out) == before, "a failed write must leave OUT byte-identical"
     staging = os.path.join(str(out) + ".partial", "out")
     assert not os.path.exists(staging), "no half-written output is kept"
     monkeypatch.setattr(TensorWriter, "save_tensor", real_save)
     # Calibration had finished: the rerun resumes and only writes.
-    assert run_cli(config, str(out)).exit_code == 0
+    assert "notes.txt" in run_cli(config, str(out)).output, "foreign: refused"
+    assert tree_digest(out) == before
+    assert run_cli(config, str(out), "--overwrite").exit_code == 0
     assert not (out / "notes.txt").exists(), "OUT is replaced as a whole"
     report = json.load(open(out / "expert_merging" / "report.json"))
     assert report["resumed"], "the finished calibration is resumed, not redone"

@@ -1,0 +1,402 @@
+"""Validation before any work: every check that needs no model weights.
+
+Config keys (already checked by :mod:`mergekit_expert.config`), model
+directories (local or in the Hugging Face cache), their safetensors headers,
+configs and vocabularies, calibration records, an existing coefficients
+artifact, the device, and where the run may write (:mod:`mergekit_expert.output`).
+Every problem is an :class:`ExpertMergingError`; nothing is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from mergekit.common import ModelReference
+from mergekit.options import MergeOptions
+
+from .coefficients import CoefficientArtifact, chunk_count
+from .config import Expert, ExpertMergePlan
+from .data import CalibrationRecord, choose_records, load_records
+from .errors import ExpertMergingError
+from .methods import load_artifact_cached
+from .multimodal import has_processor, is_multimodal, load_processor
+from .output import InputPath
+from .student import check_hidden_layers
+
+LOG = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass
+class Checked:
+    """What preflight learned, so later stages need not re-read it."""
+
+    records: list[list[CalibrationRecord]]
+    n_blocks: int
+    hidden_layers: list[int]
+    artifact: CoefficientArtifact | None = None
+    inputs: list[InputPath] = field(default_factory=list)
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def model_dir(path: str, revision: str | None, what: str) -> str | None:
+    """The local directory of a model or adapter: the path itself, or its
+    snapshot in the Hugging Face cache; None when it will be downloaded."""
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise ExpertMergingError(f"{what} {path!r} is a file, not a model directory")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path, revision=revision, local_files_only=True)
+    except Exception:
+        if _offline():
+            raise ExpertMergingError(
+                f"{what} {path!r} is neither a local directory nor in the Hugging Face "
+                "cache, and HF_HUB_OFFLINE is set: download it first (or unset "
+                "HF_HUB_OFFLINE), or give the path of a local copy"
+            ) from None
+        return None
+
+
+def _remote_files(path: str, revision: str | None, what: str) -> list[str]:
+    from huggingface_hub import list_repo_files
+
+    try:
+        return list(list_repo_files(path, revision=revision, repo_type="model"))
+    except Exception as error:
+        raise ExpertMergingError(
+            f"{what} {path!r} is not a local directory and the Hugging Face hub "
+            f"cannot be reached or does not have it ({type(error).__name__}); check "
+            "the name, or set HF_HUB_OFFLINE=1 and give the path of a local copy"
+        ) from None
+
+
+def check_weight_format(
+    names: Iterable[str], where: str, what: str, allow_pickle: bool | None
+) -> None:
+    """Refuse pickle-only checkpoints (loading them can run code) unless allowed.
+
+    ``allow_pickle`` None: no rule (plain mergekit methods load as mergekit does).
+    """
+    if allow_pickle is None:
+        return
+    names = list(names)
+    if any(name.endswith(".safetensors") for name in names):
+        return
+    pickled = sorted(name for name in names if name.endswith(PICKLE_SUFFIXES))
+    if not pickled:
+        return
+    if not allow_pickle:
+        raise ExpertMergingError(
+            f"{what} {where} has only pickle weights ({pickled[0]}); unpickling can "
+            "run arbitrary code. Convert it to safetensors, or pass --allow-pickle if "
+            "you trust the files"
+        )
+    LOG.warning("reading pickle weights of %s %s (--allow-pickle)", what, where)
+
+
+def check_safetensors_files(directory: str, what: str) -> None:
+    """Open every safetensors header: a corrupt or truncated file fails here."""
+    from safetensors import safe_open
+
+    for name in sorted(os.listdir(directory)):
+        if not name.endswith(".safetensors"):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except Exception as error:
+            raise ExpertMergingError(
+                f"{what}: {path} is not a valid safetensors file ({error}); it is "
+                "corrupt or was not fully written: download or save it again"
+            ) from None
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model reference with its directories on disk (None: downloaded later)."""
+
+    reference: ModelReference
+    what: str
+    model_dir: str | None
+    lora_dir: str | None
+
+
+def resolve_models(
+    named: Sequence[tuple[ModelReference, str]], allow_pickle: bool | None
+) -> list[ResolvedModel]:
+    """Find every model and adapter (locally or cached), check their weight files."""
+    resolved = []
+    for reference, what in named:
+        dirs = []
+        parts = [(reference.model, what)]
+        if reference.lora is not None:
+            parts.append((reference.lora, f"the LoRA adapter of {what}"))
+        for part, label in parts:
+            directory = model_dir(part.path, part.revision, label)
+            if directory is None:
+                names = _remote_files(part.path, part.revision, label)
+                check_weight_format(names, part.path, label, allow_pickle)
+            else:
+                check_weight_format(
+                    os.listdir(directory), directory, label, allow_pickle
+                )
+                check_safetensors_files(directory, label)
+            dirs.append(directory)
+        resolved.append(
+            ResolvedModel(reference, what, dirs[0], dirs[1] if len(dirs) > 1 else None)
+        )
+    return resolved
+
+
+def model_inputs(models: Sequence[ResolvedModel]) -> list[InputPath]:
+    """The directories of these models as inputs OUT must keep clear of."""
+    inputs = []
+    for model in models:
+        if model.model_dir:
+            inputs.append(InputPath(model.model_dir, model.what))
+        if model.lora_dir:
+            inputs.append(
+                InputPath(model.lora_dir, f"the LoRA adapter of {model.what}")
+            )
+    return inputs
+
+
+def option_inputs(options: MergeOptions) -> list[InputPath]:
+    """Caches the user pointed mergekit at: OUT must not replace them either."""
+    found = []
+    for path, what in (
+        (options.lora_merge_cache, "the LoRA merge cache"),
+        (options.transformers_cache, "the transformers cache"),
+    ):
+        if path and os.path.exists(path):
+            found.append(InputPath(path, what))
+    return found
+
+
+def check_device(device: str | None) -> None:
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        raise ExpertMergingError(
+            f"device {device!r} was asked for (--cuda / --device), but this torch "
+            f"build ({torch.__version__}) sees no CUDA GPU; drop --cuda to run on the "
+            "CPU, or install a CUDA build of torch"
+        )
+
+
+def _text_config(config):
+    getter = getattr(config, "get_text_config", None)
+    return getter() if getter else config
+
+
+def header_shapes(path: str, what: str) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from safetensors headers; no tensor data is read."""
+    from mergekit.io import ShardedTensorIndex
+    from safetensors import safe_open
+
+    try:
+        index = ShardedTensorIndex.from_disk(path)
+    except Exception as error:
+        raise ExpertMergingError(
+            f"cannot index the weight files of {what} {path}: {error}"
+        ) from None
+    shapes = {}
+    by_file: dict[str, list[str]] = {}
+    for name, shard in index.tensor_paths.items():
+        by_file.setdefault(shard, []).append(name)
+    for shard, names in by_file.items():
+        full = os.path.join(path, shard)
+        if not full.endswith(".safetensors"):
+            return {}
+        try:
+            with safe_open(full, framework="pt") as handle:
+                for name in names:
+                    shapes[name] = tuple(handle.get_slice(name).get_shape())
+        except Exception as error:
+            raise ExpertMergingError(
+                f"{what}: {full} does not hold the tensors its index lists ({error}); "
+                "download or save the model again"
+            ) from None
+    return shapes
+
+
+def preflight(
+    plan: ExpertMergePlan,
+    options: MergeOptions,
+    coefficients: str | None,
+    allow_pickle: bool = False,
+    config_file: str | None = None,
+) -> Checked:
+    """Every check that needs no model weights; raises ExpertMergingError."""
+    check_device(options.device)
+    trust = options.trust_remote_code
+    named = [(plan.base, "the base model")] + [
+        (e.reference, f"expert {e.name}") for e in plan.experts
+    ]
+    resolved = resolve_models(named, allow_pickle)
+    inputs = model_inputs(resolved) + option_inputs(options)
+    if config_file is not None:
+        inputs.append(InputPath(config_file, "the config file"))
+    configs = {}
+    for reference, what in named:
+        try:
+            configs[reference] = _text_config(reference.config(trust_remote_code=trust))
+        except Exception as error:
+            raise ExpertMergingError(
+                f"cannot read the config of {what}: {error}"
+            ) from None
+    base_config = configs[plan.base]
+    vocab = getattr(base_config, "vocab_size", None)
+    for expert in plan.experts:
+        other = getattr(configs[expert.reference], "vocab_size", None)
+        if vocab is not None and other is not None and other != vocab:
+            raise ExpertMergingError(
+                f"expert {expert.name} has vocabulary size {other} but the base has "
+                f"{vocab}; expert merging needs experts fine-tuned from the same base"
+            )
+    base_dir = resolved[0].model_dir
+    base_shapes = (
+        header_shapes(base_dir, "the base model")
+        if base_dir and plan.base.lora is None
+        else {}
+    )
+    for expert, model in zip(plan.experts, resolved[1:]):
+        if not base_shapes or model.lora_dir is not None or model.model_dir is None:
+            continue
+        for name, shape in header_shapes(model.model_dir, model.what).items():
+            if name not in base_shapes:
+                raise ExpertMergingError(
+                    f"expert {expert.name} has tensor {name} that the base model lacks; "
+                    "experts must share the base's architecture"
+                )
+            if base_shapes[name] != shape:
+                raise ExpertMergingError(
+                    f"tensor {name} has shape {list(shape)} in expert {expert.name} but "
+                    f"{list(base_shapes[name])} in the base; experts must share the "
+                    "base's architecture"
+                )
+    n_blocks = int(getattr(base_config, "num_hidden_layers", 0) or 0)
+    settings = plan.calibration
+    hidden_layers = settings.hidden_layers
+    if hidden_layers is None:
+        hidden_layers = [n_blocks // 2]
+    check_hidden_layers(hidden_layers, n_blocks)
+    artifact = None
+    path = coefficients or plan.coefficients
+    records: list[list[CalibrationRecord]] = []
+    if path is not None:
+        artifact = check_artifact(path, plan, base_shapes)
+        inputs.append(InputPath(path, "the coefficients artifact"))
+    else:
+        for k, expert in enumerate(plan.experts):
+            found = load_records(expert.calibration)
+            records.append(
+                choose_records(
+                    found,
+                    settings.samples_per_expert,
+                    settings.seed + k,
+                    allow_fewer=settings.allow_fewer_samples,
+                    source=f"calibration file {expert.calibration!r} of {expert.name}",
+                )
+            )
+            inputs.append(
+                InputPath(expert.calibration, f"the calibration data of {expert.name}")
+            )
+            folders = {
+                os.path.dirname(image) for record in found for image in record.images
+            }
+            inputs += [
+                InputPath(folder, f"an image folder of {expert.name}")
+                for folder in sorted(folders)
+            ]
+        for expert, chosen in zip(plan.experts, records):
+            with_images = next((r for r in chosen if r.images), None)
+            if with_images is not None:
+                check_processor(expert, plan.base, with_images, trust)
+    return Checked(
+        records=records,
+        n_blocks=n_blocks,
+        hidden_layers=hidden_layers,
+        artifact=artifact,
+        inputs=inputs,
+    )
+
+
+def check_artifact(
+    path: str, plan: ExpertMergePlan, base_shapes: dict[str, tuple[int, ...]]
+) -> CoefficientArtifact:
+    """An artifact that fits this config: its experts, method, weights and chunks."""
+    try:
+        artifact = load_artifact_cached(path)
+    except (OSError, ValueError) as error:
+        raise ExpertMergingError(str(error)) from None
+    names = [e.name for e in plan.experts]
+    if list(artifact.experts) != names:
+        raise ExpertMergingError(
+            f"coefficients artifact {path} was calibrated for experts "
+            f"{list(artifact.experts)}, but the config lists {names}"
+        )
+    if artifact.method != plan.method:
+        raise ExpertMergingError(
+            f"coefficients artifact {path} was made by {artifact.method}, but the "
+            f"config says merge_method: {plan.method}; use merge_method: "
+            f"{artifact.method} with this artifact"
+        )
+    for name, matrix in artifact.coefficients.items():
+        if not base_shapes:
+            break
+        if name not in base_shapes:
+            raise ExpertMergingError(
+                f"coefficients artifact {path} has weight {name}, which the "
+                f"base model {plan.base} lacks"
+            )
+        numel = int(torch.Size(base_shapes[name]).numel())
+        m = matrix.shape[1]
+        if chunk_count(numel, m) != m:
+            raise ExpertMergingError(
+                f"coefficients artifact {path}: {name} has {m} chunk coefficients, "
+                f"but its {numel} elements split into {chunk_count(numel, m)} chunks "
+                "(torch.chunk layout); the artifact does not belong to this base model"
+            )
+    return artifact
+
+
+def check_processor(
+    expert: Expert, base: ModelReference, record: CalibrationRecord, trust: bool
+) -> None:
+    """An expert with image records needs a processor with a chat template."""
+    candidates = [
+        p
+        for p in (expert.reference.model.path, base.model.path)
+        if os.path.isdir(p) and has_processor(p)
+    ]
+    config = expert.reference.config(trust_remote_code=trust)
+    if not is_multimodal(config) or not candidates:
+        raise ExpertMergingError(
+            f"{record.where}: the record has images, but expert {expert.name} is not "
+            "a vision-language model with a saved processor (preprocessor_config.json)"
+        )
+    try:
+        processor = load_processor(candidates[0], trust)
+    except Exception as error:
+        raise ExpertMergingError(
+            f"cannot load the processor of expert {expert.name} from {candidates[0]}: "
+            f"{error}"
+        ) from None
+    if not getattr(processor, "chat_template", None):
+        raise ExpertMergingError(
+            f"the processor of expert {expert.name} ({candidates[0]}) has no chat "
+            "template; records with images are rendered with it"
+        )
