@@ -396,7 +396,8 @@ class FunctionalMerge:
     """The naive student: a base model run with merged weights built in the graph.
 
     ``forward`` has the signature of ``Student.forward``, so
-    ``mergekit_expert.train.sample_loss`` computes exactly our loss with it.
+    ``mergekit_expert.objective.Objective.sample_loss`` computes exactly our
+    loss with it.
     """
 
     def __init__(self, model, taus, raw, activation):
@@ -448,12 +449,14 @@ def naive_main(spec_path: str, result_path: str) -> int:
     import torch
 
     from mergekit_expert.config import CalibrationConfig
-    from mergekit_expert.data import choose_records, epoch_order, load_records
-    from mergekit_expert.objective import regularizer
+    from mergekit_expert.data import epoch_order
+    from mergekit_expert.objective import Objective, regularizer
+    from mergekit_expert.placement import Placement
+    from mergekit_expert.records import choose_records, load_records
     from mergekit_expert.student import activation_fns, select_weights
     from mergekit_expert.task_vectors import CheckpointReader
-    from mergekit_expert.teacher import Placement, run_teachers
-    from mergekit_expert.train import alignment_loss, make_scheduler, sample_loss
+    from mergekit_expert.teacher import TeacherJob, TeacherModel, run_teachers
+    from mergekit_expert.train import make_scheduler
 
     spec = json.loads(Path(spec_path).read_text())
     config = CalibrationConfig.model_validate(spec["calibration"])
@@ -479,14 +482,15 @@ def naive_main(spec_path: str, result_path: str) -> int:
     if config.hidden_weight == 0:
         hidden_layers = []
     cache = run_teachers(
-        expert_dirs,
-        [[d, base_dir] for d in expert_dirs],
+        [TeacherModel(d, d, (d, base_dir)) for d in expert_dirs],
         records,
-        hidden_layers=hidden_layers,
-        max_length=config.max_length,
-        max_new_tokens=config.max_new_tokens,
-        placement=placement,
-        top_k=config.teacher_top_k,
+        TeacherJob(
+            placement=placement,
+            hidden_layers=tuple(hidden_layers),
+            max_length=config.max_length,
+            max_new_tokens=config.max_new_tokens,
+            top_k=config.teacher_top_k,
+        ),
         quiet=True,
     )
     # Base weights stay in the model; the K task vectors of every calibrated
@@ -513,6 +517,7 @@ def naive_main(spec_path: str, result_path: str) -> int:
     setup_s = time.perf_counter() - started
 
     task_weights = [1.0] * experts
+    objective = Objective.from_config(cache, config, hidden_layers, task_weights)
     by_expert = [
         [i for i, e in enumerate(cache.experts) if e == k] for k in range(experts)
     ]
@@ -525,7 +530,7 @@ def naive_main(spec_path: str, result_path: str) -> int:
     rng = random.Random(config.seed)
 
     def measure() -> float:
-        aligned, _ = alignment_loss(naive, cache, config, hidden_layers, task_weights)
+        aligned, _ = objective.alignment(naive)
         return aligned
 
     alignment = [measure()]
@@ -551,7 +556,7 @@ def naive_main(spec_path: str, result_path: str) -> int:
             data_loss = 0.0
             for index in batch:
                 expert = cache.experts[index]
-                loss = sample_loss(naive, cache, index, config, hidden_layers)
+                loss = objective.sample_loss(naive, index)
                 scaled = task_weights[expert] * loss * experts / len(batch)
                 scaled.backward()
                 data_loss += float(scaled.detach())
@@ -862,7 +867,7 @@ def markdown(results: dict[str, Any]) -> str:
         "whole-process peak of a stage run is the largest of the stage peaks, "
         "`ru_maxrss` and a 20 ms VmRSS sample. The naive loop runs in its own "
         "process: the same records, teacher targets (`teacher.run_teachers`), "
-        "per-sample loss (`train.sample_loss`), regularizer, AdamW, cosine "
+        "per-sample loss (`objective.Objective.sample_loss`), regularizer, AdamW, cosine "
         "schedule, batch order and number of steps as our stage 1; its peak is "
         "VmHWM reset just before the first step and read after the last, like our "
         "stage-1 peak (reset at the stage start, after the task vectors are "

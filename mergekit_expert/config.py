@@ -33,7 +33,7 @@ INIT_GRID = tuple(round(0.1 * i, 1) for i in range(1, 11))
 
 
 class CalibrationConfig(BaseModel):
-    """Top-level ``calibration:`` block; every default is the paper's (METHOD.md)."""
+    """Top-level ``calibration:`` block; defaults follow the paper (README: "Differences from the paper")."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 

@@ -1,4 +1,4 @@
-"""Expert Merging++: layer importance and the chunk budget (METHOD.md, stage 2).
+"""Expert Merging++: layer importance and the chunk budget (the paper, stage 2).
 
 s_k(l)  = mean|tau_k(l)|, normalized over layers per expert
 I(l)    = Norm_l( sum_k |alpha_k(l)| * s_k(l) * n(l) )        (l1 over layers)

@@ -1,10 +1,19 @@
-"""Loss terms of the alignment objective (METHOD.md, stage 1)."""
+"""The alignment objective: its loss terms and the objective over the cached samples."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+from .distributed import all_reduce_sum
+
+if TYPE_CHECKING:
+    from .config import CalibrationConfig
+    from .student import Student
+    from .teacher import TeacherCache
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -60,3 +69,87 @@ def regularizer(
     target = torch.tensor(targets, dtype=matrices[0].dtype, device=matrices[0].device)
     total = sum((m - target[:, None]).abs().sum() for m in matrices)
     return total / slots
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The calibration objective of both stages over the cached samples.
+
+    ``sum_k beta_k * mean_i L_i`` over each expert k's samples i, with
+    ``L = logit_weight * L_logit + hidden_weight * L_hid`` against the sample's
+    own expert, plus ``reg_weight * R``. ``hidden_layers`` is empty when the
+    hidden term is off.
+    """
+
+    cache: TeacherCache
+    task_weights: tuple[float, ...]
+    hidden_layers: tuple[int, ...] = ()
+    logit_weight: float = 1.0
+    hidden_weight: float = 1.0
+    temperature: float = 1.0
+    align: str = "all"
+    reg_weight: float = 0.8
+
+    @classmethod
+    def from_config(
+        cls,
+        cache: TeacherCache,
+        config: CalibrationConfig,
+        hidden_layers: Sequence[int],
+        task_weights: Sequence[float],
+    ) -> Objective:
+        return cls(
+            cache=cache,
+            task_weights=tuple(task_weights),
+            hidden_layers=tuple(hidden_layers) if config.hidden_weight > 0 else (),
+            logit_weight=config.logit_weight,
+            hidden_weight=config.hidden_weight,
+            temperature=config.temperature,
+            align=config.align,
+            reg_weight=config.reg_weight,
+        )
+
+    @property
+    def experts(self) -> int:
+        return len(self.task_weights)
+
+    def sample_loss(self, student: Student, index: int) -> torch.Tensor:
+        """L_logit + w_h * L_hid of one sample against its own expert."""
+        sample = self.cache.samples[index]
+        target = self.cache.target(index)
+        mask = sample.align_mask(self.align)
+        logits, hidden = student.forward(
+            sample.input_ids, self.hidden_layers, sample.extra_inputs()
+        )
+        device = logits.device
+        if mask is not None:
+            mask = mask.to(device)
+        loss = logits.new_zeros(())
+        if self.logit_weight > 0:
+            indices = target.indices.to(device) if target.indices is not None else None
+            loss = loss + self.logit_weight * logit_loss(
+                logits, target.logits.to(device), self.temperature, mask, indices
+            )
+        if self.hidden_layers:
+            loss = loss + self.hidden_weight * hidden_loss(
+                hidden, [h.to(device) for h in target.hidden], mask
+            )
+        return loss
+
+    @torch.no_grad()
+    def alignment(self, student: Student) -> tuple[float, list[float]]:
+        """sum_k beta_k * mean loss of expert k's samples, at the loaded weights."""
+        sums = torch.zeros(self.experts, dtype=torch.float64)
+        counts = torch.zeros(self.experts, dtype=torch.float64)
+        for index, sample in sorted(self.cache.samples.items()):
+            sums[sample.expert] += float(self.sample_loss(student, index))
+            counts[sample.expert] += 1
+        sums, counts = all_reduce_sum([sums, counts])  # this rank's samples -> all
+        means = [float(s / c) if c else 0.0 for s, c in zip(sums, counts)]
+        return sum(b * m for b, m in zip(self.task_weights, means)), means
+
+    def measure(self, student: Student) -> tuple[float, float]:
+        """(alignment loss, objective) at the loaded coefficients, over every sample."""
+        aligned, _ = self.alignment(student)
+        reg = float(student.regularizer().detach()) if student.raw else 0.0
+        return aligned, aligned + self.reg_weight * reg

@@ -23,7 +23,6 @@ import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .checkpoint import load_state
 from .errors import ExpertMergingError
 
 try:
@@ -281,17 +280,6 @@ class WorkDir:
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
-
-    def load(self, name: str):
-        """A saved state file (tensors, JSON), or None when absent or unreadable."""
-        path = self.file(name)
-        if not os.path.exists(path):
-            return None
-        try:
-            return load_state(path)
-        except Exception as error:  # a torn or foreign file: start that part over
-            LOG.warning("ignoring unreadable %s (%s)", path, error)
-            return None
 
     def discard_staging(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)

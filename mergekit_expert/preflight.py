@@ -20,11 +20,11 @@ from mergekit.options import MergeOptions
 
 from .coefficients import CoefficientArtifact, chunk_count
 from .config import Expert, ExpertMergePlan
-from .data import CalibrationRecord, choose_records, load_records
 from .errors import ExpertMergingError
 from .methods import load_artifact_cached
 from .multimodal import has_processor, is_multimodal, load_processor
 from .output import InputPath
+from .records import CalibrationRecord, choose_records, load_records
 from .student import check_hidden_layers
 
 LOG = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class Checked:
     n_blocks: int
     hidden_layers: list[int]
     artifact: CoefficientArtifact | None = None
+    artifact_path: str | None = None
     inputs: list[InputPath] = field(default_factory=list)
 
 
@@ -293,6 +294,8 @@ def preflight(
     if hidden_layers is None:
         hidden_layers = [n_blocks // 2]
     check_hidden_layers(hidden_layers, n_blocks)
+    if settings.hidden_weight == 0:
+        hidden_layers = []  # the hidden term is off: no teacher hidden states
     artifact = None
     path = coefficients or plan.coefficients
     records: list[list[CalibrationRecord]] = []
@@ -330,6 +333,7 @@ def preflight(
         n_blocks=n_blocks,
         hidden_layers=hidden_layers,
         artifact=artifact,
+        artifact_path=path,
         inputs=inputs,
     )
 

@@ -1,14 +1,192 @@
-"""report.json, the coefficient heatmap and the model-card section."""
+"""What a merge leaves in ``OUT/expert_merging/``: the artifact, report.json,
+the coefficient heatmap, and the model card's section."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
+import shutil
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from .coefficients import ARTIFACT_DIR, ARTIFACT_NAME, CoefficientArtifact
+
+if TYPE_CHECKING:
+    from .calibrate import CalibrationResult
+    from .train import TrainHistory
+
+LOG = logging.getLogger(__name__)
+PRETTY_NAMES = {
+    "expert_merging": "Expert Merging",
+    "expert_merging_pp": "Expert Merging++",
+}
+
+
+def build_report(
+    artifact: CoefficientArtifact,
+    calibration: CalibrationResult | None,
+    artifact_file: str,
+    stages: Mapping[str, Mapping[str, float]],
+) -> dict[str, Any]:
+    """report.json: the calibration's measurements, or (merging from an
+    artifact) where the coefficients came from."""
+    alphas = artifact.coefficients
+    experts = len(artifact.experts)
+    report: dict[str, Any] = {
+        "format": "mergekit-expert-report/1",
+        "method": artifact.method,
+        "method_pretty_name": PRETTY_NAMES[artifact.method],
+        "base": artifact.base,
+        "experts": list(artifact.experts),
+        "init": list(artifact.init),
+    }
+    if calibration is None:
+        report["coefficients_from"] = os.path.abspath(artifact_file)
+        report["samples_per_expert"] = ["-"] * experts
+    else:
+        report.update(_calibration_report(calibration))
+    report["mean_alpha"] = [
+        float(torch.cat([a[k] for a in alphas.values()]).mean()) for k in range(experts)
+    ]
+    report["coefficients"] = {name: a.tolist() for name, a in alphas.items()}
+    report["stages"] = {**(calibration.stages if calibration else {}), **stages}
+    if calibration is not None:
+        report["versions"] = _versions()
+    return report
+
+
+def _calibration_report(result: CalibrationResult) -> dict[str, Any]:
+    from .distributed import world_size
+
+    settings = result.settings
+    losses = {
+        "task_arithmetic_init": result.stage1.alignment[0],
+        "stage1": result.stage1.kept_alignment,
+    }
+    histories = {"stage1": _history(result.stage1)}
+    if result.stage2 is not None:
+        losses["stage2"] = result.stage2.kept_alignment
+        histories["stage2"] = _history(result.stage2)
+    report: dict[str, Any] = {
+        "task_weights": result.task_weights,
+        "init_curve": result.init_curve,
+        "samples_per_expert": result.samples_per_expert,
+        "hidden_layers": result.hidden_layers,
+        "calibration": settings.model_dump(),
+        "device": result.device,
+        "world_size": world_size(),
+        "precision": result.precision,
+        "task_vectors": result.task_vectors,
+        "loss": losses,
+        "resumed": result.resumed,
+        "expert_loss_final": result.expert_loss_final,
+        **histories,
+        "pseudo_labels": result.pseudo_labels,
+        "truncated_samples": result.truncated_samples,
+        "coefficients_outside_sane_range": outside_range(
+            result.artifact.coefficients, settings.sane_range
+        ),
+    }
+    if result.allocation is not None:
+        allocation = result.allocation
+        report["allocation"] = {
+            "budget": allocation.budget,
+            "kappa": settings.kappa,
+            "total_chunks": sum(allocation.chunks.values()),
+            "importance": allocation.importance,
+            "chunks": allocation.chunks,
+        }
+    return report
+
+
+def outside_range(
+    alphas: Mapping[str, torch.Tensor], sane_range: tuple[float, float]
+) -> dict[str, list]:
+    """[expert, chunk, alpha] of every coefficient outside the sane range, by weight."""
+    low, high = sane_range
+    outside = {
+        name: [
+            [k, s, float(a[k, s])]
+            for k, s in ((a < low) | (a > high)).nonzero().tolist()
+        ]
+        for name, a in alphas.items()
+        if bool(((a < low) | (a > high)).any())
+    }
+    if outside:
+        LOG.warning(
+            "%d weights have coefficients outside calibration.sane_range %s: %s",
+            len(outside),
+            list(sane_range),
+            ", ".join(sorted(outside)[:5]),
+        )
+    return outside
+
+
+def _history(history: TrainHistory) -> dict[str, Any]:
+    return {
+        "epoch_loss": history.epoch_loss,
+        "epoch_expert_loss": history.epoch_expert_loss,
+        "alignment_loss": history.alignment,
+        "objective": history.objective,
+        "kept_epoch": history.kept_epoch,
+        "optimizer_steps": history.steps,
+        "step_seconds": history.step_seconds,
+        "stopped_early": history.stopped_early,
+    }
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    import mergekit
+    import transformers
+
+    from . import __version__
+
+    return {
+        "mergekit_expert": __version__,
+        "mergekit": getattr(mergekit, "__version__", None) or version("mergekit"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def write_outputs(
+    out_path: str,
+    artifact: CoefficientArtifact,
+    artifact_file: str,
+    report: Mapping[str, Any],
+    model_card: bool,
+) -> None:
+    """Artifact, report, heatmap and model-card section into OUT/expert_merging."""
+    folder = os.path.join(out_path, ARTIFACT_DIR)
+    os.makedirs(folder, exist_ok=True)
+    target = os.path.join(folder, ARTIFACT_NAME)
+    if os.path.abspath(artifact_file) != os.path.abspath(target):
+        shutil.copyfile(artifact_file, target)
+    write_json(os.path.join(folder, "report.json"), report)
+    chunks = None
+    if artifact.method == "expert_merging_pp":
+        chunks = report.get("allocation", {}).get("chunks") or {
+            name: matrix.shape[1] for name, matrix in artifact.coefficients.items()
+        }
+    plot_coefficients(
+        os.path.join(folder, "coefficients.png"),
+        artifact.coefficients,
+        artifact.experts,
+        f"{report['method_pretty_name']}: learned coefficients",
+        chunks=chunks,
+    )
+    card = os.path.join(out_path, "README.md")
+    if model_card and os.path.exists(card):
+        with open(card, "a", encoding="utf-8") as handle:
+            handle.write(card_section(report))
+
 
 BLOCK_PATTERN = re.compile(r"layers\.(\d+)\.(.+?)(?:\.weight)?$")
 

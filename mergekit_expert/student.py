@@ -50,7 +50,7 @@ class Student:
         self,
         model: torch.nn.Module,
         task_vectors: TaskVectors | Mapping[str, torch.Tensor],
-        init: Sequence[float],
+        init: Sequence[float] | None = None,
         activation: str = "sigmoid",
         chunks: Mapping[str, int] | None = None,
         start: Mapping[str, torch.Tensor] | None = None,
@@ -60,7 +60,9 @@ class Student:
         """``task_vectors``: a TaskVectors, or {name: [K, numel]} with the base
         taken from the model's current weights; ``parameters``: the model's
         parameters by checkpoint name, where that differs from the in-memory
-        name (see :mod:`mergekit_expert.multimodal`); see :meth:`reset` for the rest."""
+        name (see :mod:`mergekit_expert.multimodal`); ``init`` None creates no
+        coefficients until :meth:`reset` (the initial alpha is searched first);
+        see :meth:`reset` for the rest."""
         self.model = model
         self.autocast = autocast  # forward passes only; coefficient math stays fp32
         self.activation, self.inverse = activation_fns(activation)
@@ -74,7 +76,9 @@ class Student:
         self.weights = {name: params[name] for name in task_vectors.names}
         self.raw: dict[str, torch.nn.Parameter] = {}
         self.fixed: dict[str, torch.Tensor] = {}
-        self.reset(init, chunks, start)
+        self.init: list[float] = []
+        if init is not None:
+            self.reset(init, chunks, start)
 
     def reset(
         self,
@@ -117,7 +121,7 @@ class Student:
             self.weights[name].requires_grad_(True)
 
     def regularizer(self) -> torch.Tensor:
-        """R of the current trainable alphas (METHOD.md), in the graph of w."""
+        """R of the current trainable alphas, in the graph of w."""
         return regularizer(self.alphas(), self.init)
 
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -143,6 +147,13 @@ class Student:
             for k, tau in enumerate(self.task_vectors.rows(name, weight.device)):
                 merged.addcmul_(tau, expand_chunks(coefficient[k], merged.numel()))
             weight.copy_(merged.view_as(weight))
+
+    @torch.no_grad()
+    def load_raw(self, raw: Mapping[str, torch.Tensor]) -> None:
+        """Set the raw coefficients to saved values and load their merged weights."""
+        for name, w in self.raw.items():
+            w.copy_(raw[name])
+        self.load()
 
     @torch.no_grad()
     def set_uniform(self, value: float) -> None:

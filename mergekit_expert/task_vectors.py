@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import ExpertMergingError
+from .memory import available_bytes
 
 LOG = logging.getLogger(__name__)
 
@@ -133,29 +134,15 @@ class StreamedTaskVectors(TaskVectors):
             yield reader.get(name).reshape(-1).to(device) - base
 
 
-def _available_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-
-
 def choose_mode(mode: str, total_numel: int, experts: int, device: torch.device) -> str:
     """``auto``: resident when base + K task vectors (float32) use < half the free memory."""
     if mode != "auto":
         LOG.info("task vectors: %s (configured)", mode)
         return mode
     needed = (experts + 1) * total_numel * 4
-    free = _available_memory(device)
+    free = available_bytes(device)
     chosen = "resident" if needed < free // 2 else "streamed"
-    LOG.warning(
+    LOG.info(
         "task vectors: %s (auto): resident needs %.2f GiB, %.2f GiB free on %s",
         chosen,
         needed / 2**30,
@@ -163,3 +150,50 @@ def choose_mode(mode: str, total_numel: int, experts: int, device: torch.device)
         device,
     )
     return chosen
+
+
+def load_task_vectors(
+    mode: str,
+    names: Sequence[str],
+    params: dict[str, torch.nn.Parameter],
+    base_dir: str,
+    expert_dirs: Sequence[str],
+    expert_names: Sequence[str],
+) -> TaskVectors:
+    """The base and tau_k = expert_k - base of each calibrated weight, resident or streamed.
+
+    ``params``: the base model's parameters by checkpoint name.
+    """
+    device = params[names[0]].device
+    mode = choose_mode(
+        mode, sum(params[n].numel() for n in names), len(expert_dirs), device
+    )
+    if mode == "streamed":
+        return StreamedTaskVectors(base_dir, expert_dirs, expert_names, names)
+    readers = [
+        CheckpointReader(d, f"expert {n}") for d, n in zip(expert_dirs, expert_names)
+    ]
+    base, stacked = {}, {}
+    for name in names:
+        flat = params[name].detach().reshape(-1).to(torch.float32)
+        if not bool(torch.isfinite(flat).all()):
+            raise ExpertMergingError(
+                f"the base model's tensor {name} holds NaN or infinite values"
+            )
+        rows = []
+        for expert, reader in zip(expert_names, readers):
+            tensor = reader.get(name).to(flat.device)
+            if tensor.numel() != flat.numel():
+                raise ExpertMergingError(
+                    f"tensor {name} has {tensor.numel()} elements in expert {expert} but "
+                    f"{flat.numel()} in the base"
+                )
+            if not bool(torch.isfinite(tensor).all()):
+                raise ExpertMergingError(
+                    f"expert {expert}'s tensor {name} holds NaN or infinite values; "
+                    "fix or re-export that checkpoint"
+                )
+            rows.append(tensor.reshape(-1) - flat)
+        base[name] = flat.clone()
+        stacked[name] = torch.stack(rows)
+    return ResidentTaskVectors(base, stacked)

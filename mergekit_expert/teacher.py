@@ -18,17 +18,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .data import (
-    CalibrationRecord,
-    Sample,
-    batched,
-    make_sample,
-    render,
-    render_multimodal,
-)
+from .data import Sample, batched, make_sample, render, render_multimodal
 from .distributed import owns, rank, world_size
 from .errors import ExpertMergingError
-from .multimodal import has_processor, load_processor, model_class
+from .multimodal import has_processor, load_processor
+from .placement import Placement
+from .records import CalibrationRecord
 
 
 @dataclass
@@ -184,51 +179,6 @@ def load_tokenizer(
     raise FileNotFoundError(f"no tokenizer found in {list(candidates)}")
 
 
-@dataclass(frozen=True)
-class Placement:
-    """Where and in which precision calibration runs its models.
-
-    Weights are held in ``dtype`` and forward passes run under autocast to it;
-    coefficient math (merging, projection, optimizer) always stays float32.
-    ``device_map`` shards a model over devices with accelerate.
-    """
-
-    device: str = "cpu"
-    dtype: torch.dtype = torch.float32
-    device_map: str | dict | None = None
-    gradient_checkpointing: bool = False
-    trust_remote_code: bool = False
-
-    def load(self, path: str, student: bool = False):
-        from transformers import AutoConfig
-
-        kwargs = {"dtype": self.dtype, "trust_remote_code": self.trust_remote_code}
-        config = AutoConfig.from_pretrained(
-            path, trust_remote_code=self.trust_remote_code
-        )
-        if self.device_map is not None:
-            kwargs["device_map"] = self.device_map
-        model = model_class(config).from_pretrained(path, **kwargs)
-        if self.device_map is None:
-            model = model.to(self.device)
-        model.eval()
-        if student and self.gradient_checkpointing:
-            # HF recomputes activations only in training mode; calibration
-            # models have no active dropout, so train() changes nothing else.
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-            model.train()
-        return model
-
-    def autocast(self):
-        device_type = "cuda" if self.device.startswith("cuda") else "cpu"
-        enabled = self.dtype != torch.float32
-        return torch.autocast(
-            device_type=device_type, dtype=self.dtype, enabled=enabled
-        )
-
-
 @torch.no_grad()
 def generate_response(
     model,
@@ -284,19 +234,34 @@ def score(
     return TeacherTargets(logits=logits.cpu(), hidden=hidden)
 
 
+@dataclass(frozen=True)
+class TeacherJob:
+    """What the teacher pass computes for every sample, and where it runs."""
+
+    placement: Placement
+    hidden_layers: tuple[int, ...] = ()
+    max_length: int = 512
+    max_new_tokens: int = 64
+    top_k: int | None = None
+
+
+@dataclass(frozen=True)
+class TeacherModel:
+    """One expert as the teacher pass loads it: its weights and where its
+    tokenizer (or processor) lives, first found first."""
+
+    name: str
+    path: str
+    tokenizer_paths: tuple[str, ...]
+
+
 def run_teachers(
-    expert_paths: Sequence[str],
-    tokenizer_paths: Sequence[Sequence[str]],
+    experts: Sequence[TeacherModel],
     records: Sequence[Sequence[CalibrationRecord]],
+    job: TeacherJob,
     *,
-    hidden_layers: Sequence[int],
-    max_length: int,
-    max_new_tokens: int,
-    placement: Placement,
-    top_k: int | None = None,
     directory: str | None = None,
     quiet: bool = False,
-    expert_names: Sequence[str] | None = None,
 ) -> TeacherCache:
     """Label (where needed) and score every record with its own expert, one at a time.
 
@@ -310,7 +275,7 @@ def run_teachers(
     owned = [i for i in range(len(cache.experts)) if owns(i)]
     index = 0
     with tqdm(total=len(owned), desc="Teacher pass", disable=quiet) as progress:
-        for expert, (path, expert_records) in enumerate(zip(expert_paths, records)):
+        for k, (expert, expert_records) in enumerate(zip(experts, records)):
             mine = [
                 (index + j, r) for j, r in enumerate(expert_records) if owns(index + j)
             ]
@@ -318,69 +283,73 @@ def run_teachers(
             if not mine:
                 continue
             processor = load_tokenizer(
-                tokenizer_paths[expert],
-                placement.trust_remote_code,
+                expert.tokenizer_paths,
+                job.placement.trust_remote_code,
                 processor=any(r.images for _, r in mine),
             )
-            tokenizer = getattr(processor, "tokenizer", processor)
-            model = placement.load(path)
+            model = job.placement.load(expert.path)
             for global_index, record in mine:
-                inputs, token_inputs = {}, {}
-                if record.images:
-                    rendered = render_multimodal(record, processor)
-                    prompt_ids, response_ids = (
-                        rendered.prompt_ids,
-                        rendered.response_ids,
-                    )
-                    inputs, token_inputs = rendered.inputs, rendered.token_inputs
-                else:
-                    prompt_ids, response_ids = render(record, tokenizer)
-                if response_ids is None:
-                    if record.images and len(prompt_ids) > max_length:
-                        raise ExpertMergingError(
-                            f"{record.where}: the prompt is {len(prompt_ids)} tokens "
-                            f"long with its images, more than calibration.max_length="
-                            f"{max_length}; raise max_length"
-                        )
-                    response_ids = generate_response(
-                        model,
-                        tokenizer,
-                        prompt_ids[:max_length],
-                        max_new_tokens,
-                        batched(inputs, token_inputs),
-                    )
-                    cache.pseudo_labels.append(
-                        {
-                            "expert": expert,
-                            "record": record.where,
-                            "response": tokenizer.decode(
-                                response_ids, skip_special_tokens=True
-                            ),
-                        }
-                    )
-                sample = make_sample(
-                    expert,
-                    record,
-                    prompt_ids,
-                    response_ids,
-                    max_length,
-                    inputs,
-                    token_inputs,
-                )
-                target = score(model, sample, hidden_layers, placement, top_k)
+                sample, target, label = _teach(model, processor, k, record, job)
                 if not all(
                     bool(torch.isfinite(t).all())
                     for t in [target.logits, *target.hidden]
                 ):
-                    name = expert_names[expert] if expert_names else path
                     raise ExpertMergingError(
-                        f"expert {name} produced NaN or infinite outputs on calibration "
-                        f"sample {record.where}; check that expert's weights"
+                        f"expert {expert.name} produced NaN or infinite outputs on "
+                        f"calibration sample {record.where}; check that expert's weights"
                     )
+                if label is not None:
+                    cache.pseudo_labels.append(label)
                 cache.add(global_index, sample, target)
                 progress.update(1)
             del model
-            if placement.device.startswith("cuda"):
+            if job.placement.device.startswith("cuda"):
                 torch.cuda.empty_cache()
     cache.finish()
     return cache
+
+
+def _teach(
+    model, processor, expert: int, record: CalibrationRecord, job: TeacherJob
+) -> tuple[Sample, TeacherTargets, dict | None]:
+    """One record: render it, generate its response if it has none, score it."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    inputs: dict[str, torch.Tensor] = {}
+    token_inputs: dict[str, torch.Tensor] = {}
+    if record.images:
+        rendered = render_multimodal(record, processor)
+        prompt_ids, response_ids = rendered.prompt_ids, rendered.response_ids
+        inputs, token_inputs = rendered.inputs, rendered.token_inputs
+    else:
+        prompt_ids, response_ids = render(record, tokenizer)
+    label = None
+    if response_ids is None:
+        if record.images and len(prompt_ids) > job.max_length:
+            raise ExpertMergingError(
+                f"{record.where}: the prompt is {len(prompt_ids)} tokens long with its "
+                f"images, more than calibration.max_length={job.max_length}; raise "
+                "max_length"
+            )
+        response_ids = generate_response(
+            model,
+            tokenizer,
+            prompt_ids[: job.max_length],
+            job.max_new_tokens,
+            batched(inputs, token_inputs),
+        )
+        label = {
+            "expert": expert,
+            "record": record.where,
+            "response": tokenizer.decode(response_ids, skip_special_tokens=True),
+        }
+    sample = make_sample(
+        expert,
+        record,
+        prompt_ids,
+        response_ids,
+        job.max_length,
+        inputs,
+        token_inputs,
+    )
+    target = score(model, sample, job.hidden_layers, job.placement, job.top_k)
+    return sample, target, label

@@ -13,8 +13,9 @@ import math
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -22,9 +23,12 @@ from tqdm.auto import tqdm
 from .config import CalibrationConfig
 from .data import epoch_order
 from .distributed import all_reduce_sum
-from .objective import hidden_loss, logit_loss
+from .errors import ExpertMergingError
+from .objective import Objective
 from .student import Student
-from .teacher import TeacherCache
+
+if TYPE_CHECKING:
+    from .state import LoopCheckpoint
 
 
 @dataclass
@@ -57,76 +61,14 @@ class TrainHistory:
         return False
 
 
-def sample_loss(
-    student: Student,
-    cache: TeacherCache,
-    index: int,
-    config: CalibrationConfig,
-    hidden_layers: Sequence[int],
-) -> torch.Tensor:
-    """L_logit + w_h * L_hid of one sample against its own expert."""
-    sample = cache.samples[index]
-    target = cache.target(index)
-    mask = sample.align_mask(config.align)
-    use_hidden = config.hidden_weight > 0 and bool(hidden_layers)
-    logits, hidden = student.forward(
-        sample.input_ids, hidden_layers if use_hidden else (), sample.extra_inputs()
-    )
-    device = logits.device
-    if mask is not None:
-        mask = mask.to(device)
-    loss = logits.new_zeros(())
-    if config.logit_weight > 0:
-        indices = target.indices.to(device) if target.indices is not None else None
-        loss = loss + config.logit_weight * logit_loss(
-            logits, target.logits.to(device), config.temperature, mask, indices
-        )
-    if use_hidden:
-        loss = loss + config.hidden_weight * hidden_loss(
-            hidden, [h.to(device) for h in target.hidden], mask
-        )
-    return loss
-
-
-@torch.no_grad()
-def alignment_loss(
-    student: Student,
-    cache: TeacherCache,
-    config: CalibrationConfig,
-    hidden_layers: Sequence[int],
-    task_weights: Sequence[float],
-) -> tuple[float, list[float]]:
-    """sum_k beta_k * mean loss of expert k's samples, at the loaded weights."""
-    experts = len(task_weights)
-    sums = torch.zeros(experts, dtype=torch.float64)
-    counts = torch.zeros(experts, dtype=torch.float64)
-    for index, sample in sorted(cache.samples.items()):
-        sums[sample.expert] += float(
-            sample_loss(student, cache, index, config, hidden_layers)
-        )
-        counts[sample.expert] += 1
-    sums, counts = all_reduce_sum([sums, counts])  # this rank's samples -> all
-    means = [float(s / c) if c else 0.0 for s, c in zip(sums, counts)]
-    return sum(b * m for b, m in zip(task_weights, means)), means
-
-
 def search_init(
-    student: Student,
-    cache: TeacherCache,
-    config: CalibrationConfig,
-    hidden_layers: Sequence[int],
-    task_weights: Sequence[float],
-    quiet: bool = False,
+    student: Student, objective: Objective, grid: Sequence[float], quiet: bool = False
 ) -> tuple[float, list[dict]]:
     """The shared alpha of the grid whose task-arithmetic merge aligns best."""
     curve = []
-    for value in tqdm(
-        config.init_grid, desc="Init search (task arithmetic)", disable=quiet
-    ):
+    for value in tqdm(grid, desc="Init search (task arithmetic)", disable=quiet):
         student.set_uniform(value)
-        loss, per_expert = alignment_loss(
-            student, cache, config, hidden_layers, task_weights
-        )
+        loss, per_expert = objective.alignment(student)
         curve.append({"alpha": value, "loss": loss, "expert_loss": per_expert})
     best = min(curve, key=lambda point: point["loss"])
     return best["alpha"], curve
@@ -171,176 +113,163 @@ class LoopState:
         return cls(history=history, **data)
 
 
-@dataclass
-class Resume:
-    """A saved loop: its state, raw coefficients, kept snapshot and optimizer."""
-
-    loop: LoopState
-    raw: dict[str, torch.Tensor]
-    kept: dict[str, torch.Tensor]
-    optimizer: dict
-    scheduler: dict
-
-
 def _check_finite(value: torch.Tensor, what: str) -> None:
     if not bool(torch.isfinite(value).all()):
-        from .errors import ExpertMergingError
-
         raise ExpertMergingError(
             f"non-finite {what}; the last good checkpoint is kept. Check the experts' "
             "weights and the calibration data, or lower calibration.lr"
         )
 
 
+OnStep = Callable[[LoopState, Student, Any, Any, dict[str, torch.Tensor]], None]
+
+
 def train_coefficients(
     student: Student,
-    cache: TeacherCache,
+    objective: Objective,
     config: CalibrationConfig,
-    hidden_layers: Sequence[int],
-    task_weights: Sequence[float],
     *,
     desc: str = "Stage 1",
     quiet: bool = False,
     expert_names: Sequence[str] | None = None,
-    resume: Resume | None = None,
-    on_step=None,
+    resume: LoopCheckpoint | None = None,
+    on_step: OnStep | None = None,
 ) -> TrainHistory:
     """Train the student's coefficients; returns the loss history.
 
     ``on_step(state, student, optimizer, scheduler, kept)`` runs after every
     optimizer step (and once at the start), e.g. to checkpoint; ``resume``
     continues a loop saved that way, ending with the same coefficients as an
-    uninterrupted run.
+    uninterrupted run. The coefficients with the lowest objective are kept.
     """
-    experts = len(task_weights)
-    names = list(expert_names or [str(k) for k in range(experts)])
-    by_expert = [
-        [i for i, e in enumerate(cache.experts) if e == k] for k in range(experts)
-    ]
-    steps_per_epoch = math.ceil(len(cache.experts) / config.accumulation)
+    names = list(expert_names or [str(k) for k in range(objective.experts)])
+    steps_per_epoch = math.ceil(len(objective.cache.experts) / config.accumulation)
     params = student.parameters()
-    optimizer = (
-        torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        if params
-        else None
-    )
-    scheduler = (
-        make_scheduler(optimizer, config, steps_per_epoch * config.epochs)
-        if params
-        else None
-    )
-    if resume is None:
-        rng = random.Random(config.seed)
-        state = LoopState(expert_sums=[0.0] * experts, expert_counts=[0] * experts)
-        student.load()
-        state.history.record(
-            *_measure(student, cache, config, hidden_layers, task_weights)
+    optimizer = scheduler = None
+    if params:
+        optimizer = torch.optim.AdamW(
+            params, lr=config.lr, weight_decay=config.weight_decay
         )
+        scheduler = make_scheduler(optimizer, config, steps_per_epoch * config.epochs)
+    rng = random.Random(config.seed)
+    if resume is None:
+        state = LoopState(
+            expert_sums=[0.0] * objective.experts,
+            expert_counts=[0] * objective.experts,
+        )
+        student.load()
+        state.history.record(*objective.measure(student))
         kept = _snapshot(student)
         state.done = not params  # every coefficient fixed: nothing to train
         if on_step is not None:
             on_step(state, student, optimizer, scheduler, kept)
     else:
-        state = resume.loop
-        rng = random.Random(config.seed)
-        if state.rng is not None:
-            rng.setstate(_as_tuple(state.rng))
-        with torch.no_grad():
-            for name, w in student.raw.items():
-                w.copy_(resume.raw[name])
-        kept = {name: t.clone() for name, t in resume.kept.items()}
-        if optimizer is not None:
-            optimizer.load_state_dict(resume.optimizer)
-            scheduler.load_state_dict(resume.scheduler)
-        student.load()
-    history = state.history
+        state, kept = _restore(resume, student, rng, optimizer, scheduler)
     progress = tqdm(
         total=steps_per_epoch * config.epochs,
-        initial=history.steps,
+        initial=state.history.steps,
         desc=desc,
         disable=quiet,
     )
     while not state.done and state.epoch < config.epochs:
         if state.order is None:
-            counts = [len(b) for b in by_expert]
-            state.order = [by_expert[k][j] for k, j in epoch_order(counts, rng)]
+            state.order = _epoch_samples(objective, rng)
             state.rng = list(rng.getstate())
-        batch = state.order[state.position : state.position + config.accumulation]
-        started = time.perf_counter()
-        student.zero_grad()
-        # Loss sums of this step: [data loss, per-expert sums, per-expert counts].
-        tally = torch.zeros(1 + 2 * experts, dtype=torch.float64)
-        for index in batch:
-            if index not in cache.samples:
-                continue  # another rank's sample
-            expert = cache.experts[index]
-            loss = sample_loss(student, cache, index, config, hidden_layers)
-            _check_finite(
-                loss.detach(),
-                f"loss in {desc}, step {history.steps + 1}, expert {names[expert]}, "
-                f"sample {cache.samples[index].record.where}",
-            )
-            # K/|batch| turns the sample mean into sum_k beta_k * mean_k.
-            (task_weights[expert] * loss * experts / len(batch)).backward()
-            tally[0] += (
-                task_weights[expert] * float(loss.detach()) * experts / len(batch)
-            )
-            tally[1 + expert] += float(loss.detach())
-            tally[1 + experts + expert] += 1
-        grads = student.projected_grads()
-        reduced = all_reduce_sum([tally, *grads.values()])
-        tally, grads = reduced[0], dict(zip(grads, reduced[1:]))
-        data_loss = float(tally[0])
-        for k in range(experts):
-            state.expert_sums[k] += float(tally[1 + k])
-            state.expert_counts[k] += int(tally[1 + experts + k])
-        for name, grad in grads.items():
-            _check_finite(
-                grad,
-                f"coefficient gradient of {name} in {desc}, step {history.steps + 1}",
-            )
-        alphas = student.alphas()
-        reg = config.reg_weight * student.regularizer()
-        surrogate = reg + sum((alphas[n] * grads[n]).sum() for n in alphas)
-        surrogate.backward()
-        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        student.load()
-        if student.device.type == "cuda":
-            torch.cuda.synchronize()
-        _release_freed_memory()
-        history.step_seconds.append(round(time.perf_counter() - started, 4))
-        history.steps += 1
-        state.epoch_total += data_loss + float(reg.detach())
-        state.position += len(batch)
+        loss = _step(
+            student, objective, config, state, optimizer, scheduler, desc, names
+        )
         progress.update(1)
-        progress.set_postfix(loss=f"{data_loss + float(reg.detach()):.4f}")
+        progress.set_postfix(loss=f"{loss:.4f}")
         if state.position >= len(state.order):
-            kept = _end_epoch(
-                state,
-                student,
-                cache,
-                config,
-                hidden_layers,
-                task_weights,
-                steps_per_epoch,
-                kept,
-            )
+            kept = _end_epoch(state, student, objective, config, steps_per_epoch, kept)
         if on_step is not None:
             on_step(state, student, optimizer, scheduler, kept)
     progress.close()
-    with torch.no_grad():
-        for name, w in student.raw.items():
-            w.copy_(kept[name])
-    student.load()
+    student.load_raw(kept)
     student.zero_grad()
-    return history
+    return state.history
 
 
-def _end_epoch(
-    state, student, cache, config, hidden_layers, task_weights, steps_per_epoch, kept
-):
+def _restore(resume: LoopCheckpoint, student: Student, rng, optimizer, scheduler):
+    """Put a saved loop back: coefficients, random state, optimizer, schedule."""
+    state = resume.loop
+    if state.rng is not None:
+        rng.setstate(_as_tuple(state.rng))
+    kept = {name: t.clone() for name, t in resume.kept.items()}
+    if optimizer is not None:
+        optimizer.load_state_dict(resume.optimizer)
+        scheduler.load_state_dict(resume.scheduler)
+    student.load_raw(resume.raw)
+    return state, kept
+
+
+def _epoch_samples(objective: Objective, rng: random.Random) -> list[int]:
+    """This epoch's sample order: round-robin over experts, each shuffled."""
+    by_expert = [
+        [i for i, e in enumerate(objective.cache.experts) if e == k]
+        for k in range(objective.experts)
+    ]
+    counts = [len(b) for b in by_expert]
+    return [by_expert[k][j] for k, j in epoch_order(counts, rng)]
+
+
+def _step(
+    student, objective, config, state, optimizer, scheduler, desc, names
+) -> float:
+    """One optimizer step over the next batch; returns its objective estimate."""
+    experts = objective.experts
+    history = state.history
+    batch = state.order[state.position : state.position + config.accumulation]
+    started = time.perf_counter()
+    student.zero_grad()
+    # Loss sums of this step: [data loss, per-expert sums, per-expert counts].
+    tally = torch.zeros(1 + 2 * experts, dtype=torch.float64)
+    for index in batch:
+        if index not in objective.cache.samples:
+            continue  # another rank's sample
+        expert = objective.cache.experts[index]
+        loss = objective.sample_loss(student, index)
+        _check_finite(
+            loss.detach(),
+            f"loss in {desc}, step {history.steps + 1}, expert {names[expert]}, "
+            f"sample {objective.cache.samples[index].record.where}",
+        )
+        # K/|batch| turns the sample mean into sum_k beta_k * mean_k.
+        beta = objective.task_weights[expert]
+        (beta * loss * experts / len(batch)).backward()
+        tally[0] += beta * float(loss.detach()) * experts / len(batch)
+        tally[1 + expert] += float(loss.detach())
+        tally[1 + experts + expert] += 1
+    grads = student.projected_grads()
+    reduced = all_reduce_sum([tally, *grads.values()])
+    tally, grads = reduced[0], dict(zip(grads, reduced[1:]))
+    for k in range(experts):
+        state.expert_sums[k] += float(tally[1 + k])
+        state.expert_counts[k] += int(tally[1 + experts + k])
+    for name, grad in grads.items():
+        _check_finite(
+            grad, f"coefficient gradient of {name} in {desc}, step {history.steps + 1}"
+        )
+    alphas = student.alphas()
+    reg = objective.reg_weight * student.regularizer()
+    surrogate = reg + sum((alphas[n] * grads[n]).sum() for n in alphas)
+    surrogate.backward()
+    torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    student.load()
+    if student.device.type == "cuda":
+        torch.cuda.synchronize()
+    _release_freed_memory()
+    history.step_seconds.append(round(time.perf_counter() - started, 4))
+    history.steps += 1
+    loss = float(tally[0]) + float(reg.detach())
+    state.epoch_total += loss
+    state.position += len(batch)
+    return loss
+
+
+def _end_epoch(state, student, objective, config, steps_per_epoch, kept):
     """Epoch bookkeeping: history, kept snapshot, early stopping."""
     history = state.history
     epoch_loss = state.epoch_total / steps_per_epoch
@@ -348,7 +277,7 @@ def _end_epoch(
     history.epoch_expert_loss.append(
         [s / max(c, 1) for s, c in zip(state.expert_sums, state.expert_counts)]
     )
-    if history.record(*_measure(student, cache, config, hidden_layers, task_weights)):
+    if history.record(*objective.measure(student)):
         kept = _snapshot(student)
     if epoch_loss < state.best_epoch_loss - 1e-12:
         state.best_epoch_loss, state.stale = epoch_loss, 0
@@ -362,15 +291,6 @@ def _end_epoch(
     state.position, state.order, state.epoch_total = 0, None, 0.0
     state.expert_sums, state.expert_counts = [0.0] * experts, [0] * experts
     return kept
-
-
-def _measure(
-    student, cache, config, hidden_layers, task_weights
-) -> tuple[float, float]:
-    """(alignment loss, objective) at the loaded coefficients, over every sample."""
-    aligned, _ = alignment_loss(student, cache, config, hidden_layers, task_weights)
-    reg = float(student.regularizer().detach()) if student.raw else 0.0
-    return aligned, aligned + config.reg_weight * reg
 
 
 def _release_freed_memory() -> None:

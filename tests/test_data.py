@@ -5,15 +5,9 @@ import json
 import pytest
 import torch
 
-from mergekit_expert.data import (
-    CalibrationRecord,
-    choose_records,
-    epoch_order,
-    load_records,
-    make_sample,
-    render,
-)
+from mergekit_expert.data import epoch_order, make_sample, render
 from mergekit_expert.errors import ExpertMergingError
+from mergekit_expert.records import CalibrationRecord, choose_records, load_records
 
 ROWS = [
     {"text": "plain text"},

@@ -16,7 +16,7 @@ from test_bad_input import run_failing
 
 from conftest import write_jsonl
 from mergekit_expert.cli import main
-from mergekit_expert.data import load_records
+from mergekit_expert.records import load_records
 
 SPECIAL = [
     "<|endoftext|>",
@@ -395,7 +395,8 @@ def test_images_reach_the_model(tiny_vl, tmp_path):
 
     from mergekit_expert.data import make_sample, render_multimodal
     from mergekit_expert.multimodal import load_processor
-    from mergekit_expert.teacher import Placement, score
+    from mergekit_expert.placement import Placement
+    from mergekit_expert.teacher import score
 
     processor = load_processor(tiny_vl.base)
     record = load_records(tiny_vl.data[1])[1]  # red image, with an answer

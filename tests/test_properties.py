@@ -16,9 +16,9 @@ from mergekit.options import MergeOptions
 from conftest import expert_config
 from mergekit_expert.cli import main
 from mergekit_expert.config import CalibrationConfig, ExpertParameters, parse_plan
-from mergekit_expert.data import load_records
 from mergekit_expert.errors import ExpertMergingError
 from mergekit_expert.pipeline import preflight
+from mergekit_expert.records import load_records
 
 SETTINGS = settings(
     max_examples=60,

@@ -14,11 +14,11 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import expert_config
 from mergekit_expert.cli import main
+from mergekit_expert.state import load_state
 
 # Settings where every epoch lowers the objective, so a resume that restored
 # the wrong state could not hide behind coefficients that never moved.
@@ -39,11 +39,10 @@ def artifact(out) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(out, "expert_merging", "coefficients.safetensors"))
 
 
-def checkpoint_state(out) -> dict | None:
-    path = str(out) + ".partial/checkpoint.safetensors"
+def checkpoint_state(out):
+    """The saved calibration state, or None while there is none (or it is torn)."""
     try:
-        with safe_open(path, "pt") as handle:
-            return json.loads(handle.metadata()["state"])
+        return load_state(str(out) + ".partial/checkpoint.safetensors")
     except Exception:
         return None
 
@@ -59,11 +58,8 @@ def run_until_killed(config, out, phase, steps, timeout=240.0) -> None:
     try:
         while time.time() < deadline:
             state = checkpoint_state(out)
-            if (
-                state
-                and state["phase"] == phase
-                and state["loop"]["history"]["steps"] >= steps
-            ):
+            loop = state.loop if state else None
+            if loop and loop.phase == phase and loop.loop.history.steps >= steps:
                 process.send_signal(signal.SIGKILL)
                 process.wait()
                 return

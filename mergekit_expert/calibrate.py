@@ -1,0 +1,346 @@
+"""Calibration, stage by stage (README "How calibration works", steps 2 to 4).
+
+teacher pass -> student -> initial alpha -> stage 1 -> [importance -> stage 2]
+
+Each stage is a function with typed inputs and outputs; :func:`calibrate`
+runs them in order, saving a :class:`CalibrationState` after every optimizer
+step so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+from mergekit.options import MergeOptions
+
+from .coefficients import CoefficientArtifact
+from .config import CalibrationConfig, ExpertMergePlan
+from .distributed import all_reduce_sum, barrier, gather_lists, is_main
+from .errors import ExpertMergingError
+from .importance import Allocation, allocate_chunks, layer_importance
+from .memory import StageClock
+from .multimodal import checkpoint_parameters
+from .objective import Objective
+from .output import WorkDir
+from .placement import Placement, resolve_precision
+from .preflight import Checked
+from .state import CHECKPOINT, CalibrationState, LoopCheckpoint, load_state, save_state
+from .student import Student, select_weights
+from .task_vectors import CheckpointReader, StreamedTaskVectors, load_task_vectors
+from .teacher import (
+    TeacherCache,
+    TeacherJob,
+    TeacherModel,
+    has_tokenizer,
+    run_teachers,
+)
+from .train import OnStep, TrainHistory, search_init, train_coefficients
+
+LOG = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass
+class CalibrationResult:
+    """What calibration learned and measured; the report is built from it."""
+
+    artifact: CoefficientArtifact
+    settings: CalibrationConfig
+    task_weights: list[float]
+    hidden_layers: list[int]
+    samples_per_expert: list[int]
+    init_curve: list[dict]
+    stage1: TrainHistory
+    stage2: TrainHistory | None
+    allocation: Allocation | None
+    expert_loss_final: list[float]
+    pseudo_labels: list[dict]
+    truncated_samples: int
+    device: str
+    precision: str
+    task_vectors: str  # "resident" or "streamed"
+    resumed: bool
+    stages: dict[str, dict[str, float]]
+
+
+def calibrate(
+    plan: ExpertMergePlan,
+    checked: Checked,
+    options: MergeOptions,
+    lora_cache: str,
+    work: WorkDir | None = None,
+) -> CalibrationResult:
+    """Teacher pass, initial-alpha search and coefficient training (resumable)."""
+    settings = plan.calibration
+    torch.manual_seed(settings.seed)
+    clock = StageClock()
+    names = [e.name for e in plan.experts]
+    base_dir, expert_dirs = local_models(plan, options, lora_cache)
+    device = options.device or "cpu"
+    placement = Placement(
+        device=device,
+        dtype=resolve_precision(settings.precision, device),
+        device_map=settings.device_map,
+        gradient_checkpointing=settings.gradient_checkpointing,
+        trust_remote_code=options.trust_remote_code,
+    )
+    with clock.stage("teacher"):
+        cache = teacher_pass(
+            plan, checked, placement, base_dir, expert_dirs, work, options.quiet
+        )
+    state = read_state(work)
+    task_weights = [e.task_weight for e in plan.experts]
+    objective = Objective.from_config(
+        cache, settings, checked.hidden_layers, task_weights
+    )
+    with clock.stage("student_setup"):
+        student = build_student(settings, placement, base_dir, expert_dirs, names)
+    if state.init is None and plan.init_values() is None:
+        with clock.stage("init_search"):
+            best, state.init_curve = search_init(
+                student, objective, settings.init_grid, options.quiet
+            )
+        LOG.info("init: auto chose alpha=%s", best)
+        state.init = [best] * len(names)
+    student.reset(state.init or plan.init_values() or [])
+    state.init = list(student.init)  # the float32 alphas the raw init gives
+    train = _trainer(student, objective, state, work, options.quiet, names)
+    if state.stage1 is None:
+        with clock.stage("stage1"):
+            state.stage1 = train(settings, "stage1")
+        state.stage1_raw = {n: w.detach().clone() for n, w in student.raw.items()}
+    else:
+        student.load_raw(state.stage1_raw)
+    alphas = student.all_alphas()
+    stage2 = allocation = None
+    if plan.method == "expert_merging_pp":
+        with clock.stage("stage2"):
+            allocation = prepare_stage2(student, alphas, state.stage1_raw, settings)
+            stage2 = train(settings.stage2(), "stage2")
+        alphas = student.all_alphas()
+    _, final_expert = objective.alignment(student)
+    truncated = sum(s.truncated for s in cache.samples.values())
+    return CalibrationResult(
+        artifact=CoefficientArtifact(
+            coefficients=alphas,
+            method=plan.method,
+            base=str(plan.base),
+            experts=names,
+            init=state.init,
+        ),
+        settings=settings,
+        task_weights=task_weights,
+        hidden_layers=list(objective.hidden_layers),
+        samples_per_expert=[len(r) for r in checked.records],
+        init_curve=state.init_curve,
+        stage1=state.stage1,
+        stage2=stage2,
+        allocation=allocation,
+        expert_loss_final=final_expert,
+        pseudo_labels=gather_lists(cache.pseudo_labels),
+        truncated_samples=int(all_reduce_sum([torch.tensor(float(truncated))])[0]),
+        device=device,
+        precision=str(placement.dtype).replace("torch.", ""),
+        task_vectors="streamed"
+        if isinstance(student.task_vectors, StreamedTaskVectors)
+        else "resident",
+        resumed=state.resumed,
+        stages=clock.stages,
+    )
+
+
+def local_models(
+    plan: ExpertMergePlan, options: MergeOptions, lora_cache: str
+) -> tuple[str, list[str]]:
+    """Directories of the base and of each expert, LoRA adapters merged in."""
+    trust = options.trust_remote_code
+    merged = main_first(
+        lambda: [
+            e.reference.merged(
+                cache_dir=lora_cache,
+                trust_remote_code=trust,
+                lora_merge_dtype=options.lora_merge_dtype,
+            )
+            for e in plan.experts
+        ]
+    )
+    base_dir = plan.base.merged(cache_dir=lora_cache, trust_remote_code=trust)
+    cache_dir = options.transformers_cache
+    return base_dir.local_path(cache_dir=cache_dir), [
+        r.local_path(cache_dir=cache_dir) for r in merged
+    ]
+
+
+def teacher_pass(
+    plan: ExpertMergePlan,
+    checked: Checked,
+    placement: Placement,
+    base_dir: str,
+    expert_dirs: Sequence[str],
+    work: WorkDir | None,
+    quiet: bool,
+) -> TeacherCache:
+    """The cached teacher targets: reopened from OUT.partial, or computed."""
+    directory = work.file("teacher") if work is not None else None
+    cache = TeacherCache.reopen(directory) if directory else None
+    if cache is not None:
+        return cache
+    settings = plan.calibration
+    experts = [
+        TeacherModel(
+            name=expert.name,
+            path=path,
+            tokenizer_paths=tuple(
+                p
+                for p in (path, expert.reference.model.path, base_dir)
+                if os.path.isdir(p) and has_tokenizer(p)
+            ),
+        )
+        for expert, path in zip(plan.experts, expert_dirs)
+    ]
+    job = TeacherJob(
+        placement=placement,
+        hidden_layers=tuple(checked.hidden_layers),
+        max_length=settings.max_length,
+        max_new_tokens=settings.max_new_tokens,
+        top_k=settings.teacher_top_k,
+    )
+    return run_teachers(experts, checked.records, job, directory=directory, quiet=quiet)
+
+
+def build_student(
+    settings: CalibrationConfig,
+    placement: Placement,
+    base_dir: str,
+    expert_dirs: Sequence[str],
+    expert_names: Sequence[str],
+) -> Student:
+    """One copy of the base with its task vectors; coefficients come with reset()."""
+    model = placement.load(base_dir, student=True)
+    params = checkpoint_parameters(
+        model, CheckpointReader(base_dir, "the base model").files
+    )
+    names = select_weights(list(params), settings.exclude)
+    if not names:
+        raise ExpertMergingError(
+            "calibration.exclude excludes every weight of the model; nothing to calibrate"
+        )
+    task_vectors = load_task_vectors(
+        settings.task_vectors, names, params, base_dir, expert_dirs, expert_names
+    )
+    return Student(
+        model,
+        task_vectors,
+        activation=settings.activation,
+        autocast=placement.autocast,
+        parameters=params,
+    )
+
+
+def prepare_stage2(
+    student: Student,
+    stage1_alphas: dict[str, torch.Tensor],
+    stage1_raw: dict[str, torch.Tensor],
+    settings: CalibrationConfig,
+) -> Allocation:
+    """Importance-guided chunking of the student for stage 2 (same teacher cache)."""
+    vectors = student.task_vectors
+    numels = {name: vectors.numel(name) for name in vectors.names}
+    importance = layer_importance(stage1_alphas, vectors.mean_abs(), numels)
+    allocation = allocate_chunks(importance, numels, settings.budget, settings.kappa)
+    init = student.init
+    warm = settings.stage2_init == "warm"
+    fixed = {
+        name: stage1_alphas[name] if warm else torch.tensor(init)[:, None]
+        for name, m in allocation.chunks.items()
+        if m == 0
+    }
+    student.reset(
+        init,
+        chunks=allocation.trainable,
+        start=stage1_raw if warm else None,
+        fixed=fixed,
+    )
+    LOG.info(
+        "stage 2: %d chunks over %d weights (budget %.1f), %d fixed",
+        sum(allocation.chunks.values()),
+        len(numels),
+        allocation.budget,
+        len(fixed),
+    )
+    return allocation
+
+
+def read_state(work: WorkDir | None) -> CalibrationState:
+    """The saved calibration state in OUT.partial, or a fresh one."""
+    path = work.file(CHECKPOINT) if work is not None else None
+    if path is None or not os.path.exists(path):
+        return CalibrationState()
+    try:
+        return load_state(path)
+    except Exception as error:  # a torn or older file: start over
+        LOG.warning("ignoring unreadable %s (%s)", path, error)
+        return CalibrationState()
+
+
+def _trainer(
+    student: Student,
+    objective: Objective,
+    state: CalibrationState,
+    work: WorkDir | None,
+    quiet: bool,
+    names: Sequence[str],
+) -> Callable[[CalibrationConfig, str], TrainHistory]:
+    """train(settings, phase): one stage's loop, resumed and checkpointed."""
+
+    def train(settings: CalibrationConfig, phase: str) -> TrainHistory:
+        return train_coefficients(
+            student,
+            objective,
+            settings,
+            desc=phase.replace("stage", "Stage "),
+            quiet=quiet,
+            expert_names=names,
+            resume=state.loop_for(phase),
+            on_step=_checkpointer(state, work, phase),
+        )
+
+    return train
+
+
+def _checkpointer(
+    state: CalibrationState, work: WorkDir | None, phase: str
+) -> OnStep | None:
+    """Save the state after every optimizer step (rank 0 alone)."""
+    if work is None or not is_main():
+        return None
+
+    def on_step(loop, student, optimizer, scheduler, kept) -> None:
+        state.loop = LoopCheckpoint(
+            phase=phase,
+            loop=loop,
+            raw=dict(student.raw),
+            kept=kept,
+            optimizer=optimizer.state_dict() if optimizer is not None else None,
+            scheduler=scheduler.state_dict() if scheduler is not None else None,
+        )
+        save_state(work.file(CHECKPOINT), state)
+
+    return on_step
+
+
+def main_first(action: Callable[[], T]) -> T:
+    """Run ``action`` on rank 0, then on the other ranks (which reuse its files)."""
+    if is_main():
+        result = action()
+        barrier()
+    else:
+        barrier()
+        result = action()
+    return result
