@@ -32,6 +32,8 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check mergekit_expert tests examples benchmarks
+	$(BIN)/ruff format --check mergekit_expert tests examples benchmarks
+	$(BIN)/mypy mergekit_expert
 
 clean:
 	rm -rf demo_out bench_out .pytest_cache

@@ -27,11 +27,11 @@ from .memory import StageClock
 from .multimodal import checkpoint_parameters
 from .objective import Objective
 from .output import WorkDir
-from .placement import Placement, resolve_precision
+from .placement import Placement
 from .preflight import Checked
 from .state import CHECKPOINT, CalibrationState, LoopCheckpoint, load_state, save_state
 from .student import Student, select_weights
-from .task_vectors import CheckpointReader, StreamedTaskVectors, load_task_vectors
+from .task_vectors import CheckpointReader, load_task_vectors
 from .teacher import (
     TeacherCache,
     TeacherJob,
@@ -82,14 +82,7 @@ def calibrate(
     clock = StageClock()
     names = [e.name for e in plan.experts]
     base_dir, expert_dirs = local_models(plan, options, lora_cache)
-    device = options.device or "cpu"
-    placement = Placement(
-        device=device,
-        dtype=resolve_precision(settings.precision, device),
-        device_map=settings.device_map,
-        gradient_checkpointing=settings.gradient_checkpointing,
-        trust_remote_code=options.trust_remote_code,
-    )
+    placement = Placement.for_run(settings, options)
     with clock.stage("teacher"):
         cache = teacher_pass(
             plan, checked, placement, base_dir, expert_dirs, work, options.quiet
@@ -145,11 +138,9 @@ def calibrate(
         expert_loss_final=final_expert,
         pseudo_labels=gather_lists(cache.pseudo_labels),
         truncated_samples=int(all_reduce_sum([torch.tensor(float(truncated))])[0]),
-        device=device,
+        device=placement.device,
         precision=str(placement.dtype).replace("torch.", ""),
-        task_vectors="streamed"
-        if isinstance(student.task_vectors, StreamedTaskVectors)
-        else "resident",
+        task_vectors=student.task_vectors.mode,
         resumed=state.resumed,
         stages=clock.stages,
     )

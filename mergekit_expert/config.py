@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
@@ -207,7 +207,10 @@ def _check_keys(where: str, values: Mapping[str, Any], valid: Any) -> None:
             )
 
 
-def _validate(model: type[BaseModel], where: str, values: Any) -> BaseModel:
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def _validate(model: type[Model], where: str, values: Any) -> Model:
     if values is None:
         values = {}
     if not isinstance(values, Mapping):

@@ -71,10 +71,11 @@ def _turns(record: CalibrationRecord) -> list[tuple[str, Content]]:
     """The record as chat turns (a prompt record is one user turn)."""
     if record.messages is not None:
         return list(record.messages)
-    prompt: Content = record.prompt
+    text = record.prompt or ""
+    prompt: Content = text
     if record.images:
-        prompt = tuple(("image", p) for p in record.images) + (("text", prompt),)
-    turns = [("user", prompt)]
+        prompt = tuple(("image", p) for p in record.images) + (("text", text),)
+    turns: list[tuple[str, Content]] = [("user", prompt)]
     if record.response is not None:
         turns.append(("assistant", record.response))
     return turns
@@ -117,8 +118,8 @@ def render(record: CalibrationRecord, tokenizer) -> tuple[list[int], list[int] |
         full_text = prompt_text + messages[-1][1] if has_response else None
         special = True
     else:
-        prompt_text = record.prompt
-        full_text = record.prompt + record.response if has_response else None
+        prompt_text = record.prompt or ""
+        full_text = prompt_text + (record.response or "") if has_response else None
         special = True
     prompt_ids = tokenizer(prompt_text, add_special_tokens=special)["input_ids"]
     if full_text is None:
@@ -141,13 +142,14 @@ class Rendered:
 def _chat_dicts(turns: Sequence[tuple[str, Content]]) -> list[dict]:
     """Turns in the chat-template format: image parts become ``{"type": "image"}``."""
     result = []
-    for role, content in turns:
-        if not isinstance(content, str):
+    for role, turn in turns:
+        content: str | list[dict] = turn if isinstance(turn, str) else []
+        if not isinstance(turn, str):
             content = [
                 {"type": "image"}
                 if kind == "image"
                 else {"type": "text", "text": value}
-                for kind, value in content
+                for kind, value in turn
             ]
         result.append({"role": role, "content": content})
     return result

@@ -76,7 +76,7 @@ def allocate_chunks(
         chunks[name] = chunk_count(numels[name], asked) if asked > 0 else 0
     # The rounding allowance may only ever restore exact integers; never exceed B.
     while sum(chunks.values()) > math.floor(budget + ROUNDING):
-        largest = max(chunks, key=chunks.get)
+        largest = max(chunks, key=lambda n: chunks[n])
         chunks[largest] = (
             chunk_count(numels[largest], chunks[largest] - 1)
             if chunks[largest] > 1

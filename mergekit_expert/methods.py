@@ -150,13 +150,14 @@ def _expert_rows(artifact: CoefficientArtifact, experts, name: str) -> list[int]
     order = {ref: index for index, ref in enumerate(artifact.experts)}
     ids: list[Hashable] = [entry.id for entry in experts]
     rows = [order.get(str(entry_id)) for entry_id in ids]
-    if len(ids) != len(artifact.experts) or any(row is None for row in rows):
+    found = [row for row in rows if row is not None]
+    if len(ids) != len(artifact.experts) or len(found) != len(rows):
         raise ValueError(
             f"coefficients artifact was calibrated for experts {list(artifact.experts)} "
             f"but {name} is merged from {[str(i) for i in ids]}; use the same model "
             "references as the calibrated config"
         )
-    return rows
+    return found
 
 
 EXPERT_MERGING = ExpertMergingMethod("expert_merging", "Expert Merging")

@@ -78,7 +78,7 @@ def load_processor(path: str, trust_remote_code: bool = False):
     cls = _processor_class(path)
     template = tokenizer.chat_template or _saved_chat_template(path)
 
-    class ImageOnlyProcessor(cls):
+    class ImageOnlyProcessor(cls):  # type: ignore[valid-type, misc]
         def check_argument_for_proper_class(self, argument_name, argument):
             if argument is None:
                 return None
@@ -134,7 +134,7 @@ def checkpoint_parameters(
     try:
         from transformers.core_model_loading import revert_weight_conversion
 
-        reverted = revert_weight_conversion(model, dict(missing))
+        reverted = revert_weight_conversion(model, dict(missing))  # type: ignore[arg-type]
     except Exception as error:  # no mapping in this transformers version
         LOG.debug("no weight-name conversion available: %s", error)
         reverted = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -67,7 +67,7 @@ def regularizer(
     matrices = list(alphas.values())
     slots = sum(m.shape[1] for m in matrices)
     target = torch.tensor(targets, dtype=matrices[0].dtype, device=matrices[0].device)
-    total = sum((m - target[:, None]).abs().sum() for m in matrices)
+    total = cast(torch.Tensor, sum((m - target[:, None]).abs().sum() for m in matrices))
     return total / slots
 
 

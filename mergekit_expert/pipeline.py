@@ -70,9 +70,9 @@ def run_expert_merge(
             if p and os.path.exists(p)
         }
     )
-    data_paths = (
-        [e.calibration for e in plan.experts] if checked.artifact is None else []
-    )
+    data_paths = [e.calibration for e in plan.experts if e.calibration]
+    if checked.artifact is not None:
+        data_paths = []
     work = WorkDir(out_path, fingerprint(document, model_paths, data_paths))
     # Join torchrun's process group first: only then does is_main() know the rank.
     options = options.model_copy(
@@ -85,7 +85,7 @@ def run_expert_merge(
     merge_options = options.model_copy(update={"lora_merge_cache": lora_cache})
     try:
         calibration = None
-        if checked.artifact is not None:
+        if checked.artifact is not None and checked.artifact_path is not None:
             artifact_file = checked.artifact_path
             artifact = checked.artifact
         else:
@@ -112,21 +112,24 @@ def run_expert_merge(
         work.publish()
     except BaseException:
         if is_main():
-            work.discard_staging()
-            if checked.artifact is not None or not os.path.exists(
-                work.file(CHECKPOINT)
-            ):
-                work.remove()
-            else:
-                LOG.error(
-                    "the calibration state is kept in %s: run the same command again "
-                    "to resume; %s was not changed",
-                    work.path,
-                    out_path,
-                )
+            _after_failure(work, keep_state=checked.artifact is None)
         raise
     finally:
         work.close()
+
+
+def _after_failure(work: WorkDir, keep_state: bool) -> None:
+    """Drop the half-written output; keep a calibration state to resume from."""
+    work.discard_staging()
+    if not keep_state or not os.path.exists(work.file(CHECKPOINT)):
+        work.remove()
+        return
+    LOG.error(
+        "the calibration state is kept in %s: run the same command again to resume; "
+        "%s was not changed",
+        work.path,
+        work.out_path,
+    )
 
 
 def run_plain_merge(

@@ -4,10 +4,16 @@ accelerate device maps, activation checkpointing)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .multimodal import model_class
+
+if TYPE_CHECKING:
+    from mergekit.options import MergeOptions
+
+    from .config import CalibrationConfig
 
 
 def resolve_precision(name: str, device: str) -> torch.dtype:
@@ -33,6 +39,18 @@ class Placement:
     device_map: str | dict | None = None
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+
+    @classmethod
+    def for_run(cls, settings: CalibrationConfig, options: MergeOptions) -> Placement:
+        """The placement the ``calibration:`` settings and CLI options ask for."""
+        device = options.device or "cpu"
+        return cls(
+            device=device,
+            dtype=resolve_precision(settings.precision, device),
+            device_map=settings.device_map,
+            gradient_checkpointing=settings.gradient_checkpointing,
+            trust_remote_code=options.trust_remote_code,
+        )
 
     def load(self, path: str, student: bool = False):
         from transformers import AutoConfig

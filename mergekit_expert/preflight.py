@@ -242,7 +242,6 @@ def preflight(
 ) -> Checked:
     """Every check that needs no model weights; raises ExpertMergingError."""
     check_device(options.device)
-    trust = options.trust_remote_code
     named = [(plan.base, "the base model")] + [
         (e.reference, f"expert {e.name}") for e in plan.experts
     ]
@@ -250,6 +249,38 @@ def preflight(
     inputs = model_inputs(resolved) + option_inputs(options)
     if config_file is not None:
         inputs.append(InputPath(config_file, "the config file"))
+    base_config = check_configs(plan, named, options.trust_remote_code)
+    base_shapes = check_shapes(plan, resolved)
+    n_blocks = int(getattr(base_config, "num_hidden_layers", 0) or 0)
+    settings = plan.calibration
+    hidden_layers = settings.hidden_layers
+    if hidden_layers is None:
+        hidden_layers = [n_blocks // 2]
+    check_hidden_layers(hidden_layers, n_blocks)
+    if settings.hidden_weight == 0:
+        hidden_layers = []  # the hidden term is off: no teacher hidden states
+    artifact = None
+    path = coefficients or plan.coefficients
+    records: list[list[CalibrationRecord]] = []
+    if path is not None:
+        artifact = check_artifact(path, plan, base_shapes)
+        inputs.append(InputPath(path, "the coefficients artifact"))
+    else:
+        records = calibration_records(plan, inputs, options.trust_remote_code)
+    return Checked(
+        records=records,
+        n_blocks=n_blocks,
+        hidden_layers=hidden_layers,
+        artifact=artifact,
+        artifact_path=path,
+        inputs=inputs,
+    )
+
+
+def check_configs(
+    plan: ExpertMergePlan, named: Sequence[tuple[ModelReference, str]], trust: bool
+):
+    """Every model's config is readable and the vocabularies agree; the base's."""
     configs = {}
     for reference, what in named:
         try:
@@ -267,12 +298,18 @@ def preflight(
                 f"expert {expert.name} has vocabulary size {other} but the base has "
                 f"{vocab}; expert merging needs experts fine-tuned from the same base"
             )
+    return base_config
+
+
+def check_shapes(
+    plan: ExpertMergePlan, resolved: Sequence[ResolvedModel]
+) -> dict[str, tuple[int, ...]]:
+    """Each local expert's tensors exist in the base with the same shapes; the
+    base's shapes (empty when they cannot be read without loading)."""
     base_dir = resolved[0].model_dir
-    base_shapes = (
-        header_shapes(base_dir, "the base model")
-        if base_dir and plan.base.lora is None
-        else {}
-    )
+    if not base_dir or plan.base.lora is not None:
+        return {}
+    base_shapes = header_shapes(base_dir, "the base model")
     for expert, model in zip(plan.experts, resolved[1:]):
         if not base_shapes or model.lora_dir is not None or model.model_dir is None:
             continue
@@ -288,54 +325,41 @@ def preflight(
                     f"{list(base_shapes[name])} in the base; experts must share the "
                     "base's architecture"
                 )
-    n_blocks = int(getattr(base_config, "num_hidden_layers", 0) or 0)
+    return base_shapes
+
+
+def calibration_records(
+    plan: ExpertMergePlan, inputs: list[InputPath], trust: bool
+) -> list[list[CalibrationRecord]]:
+    """Each expert's chosen records (all read and validated); their files and
+    image folders are added to ``inputs``."""
     settings = plan.calibration
-    hidden_layers = settings.hidden_layers
-    if hidden_layers is None:
-        hidden_layers = [n_blocks // 2]
-    check_hidden_layers(hidden_layers, n_blocks)
-    if settings.hidden_weight == 0:
-        hidden_layers = []  # the hidden term is off: no teacher hidden states
-    artifact = None
-    path = coefficients or plan.coefficients
-    records: list[list[CalibrationRecord]] = []
-    if path is not None:
-        artifact = check_artifact(path, plan, base_shapes)
-        inputs.append(InputPath(path, "the coefficients artifact"))
-    else:
-        for k, expert in enumerate(plan.experts):
-            found = load_records(expert.calibration)
-            records.append(
-                choose_records(
-                    found,
-                    settings.samples_per_expert,
-                    settings.seed + k,
-                    allow_fewer=settings.allow_fewer_samples,
-                    source=f"calibration file {expert.calibration!r} of {expert.name}",
-                )
+    records = []
+    for k, expert in enumerate(plan.experts):
+        assert expert.calibration is not None  # parse_plan requires it here
+        found = load_records(expert.calibration)
+        records.append(
+            choose_records(
+                found,
+                settings.samples_per_expert,
+                settings.seed + k,
+                allow_fewer=settings.allow_fewer_samples,
+                source=f"calibration file {expert.calibration!r} of {expert.name}",
             )
-            inputs.append(
-                InputPath(expert.calibration, f"the calibration data of {expert.name}")
-            )
-            folders = {
-                os.path.dirname(image) for record in found for image in record.images
-            }
-            inputs += [
-                InputPath(folder, f"an image folder of {expert.name}")
-                for folder in sorted(folders)
-            ]
-        for expert, chosen in zip(plan.experts, records):
-            with_images = next((r for r in chosen if r.images), None)
-            if with_images is not None:
-                check_processor(expert, plan.base, with_images, trust)
-    return Checked(
-        records=records,
-        n_blocks=n_blocks,
-        hidden_layers=hidden_layers,
-        artifact=artifact,
-        artifact_path=path,
-        inputs=inputs,
-    )
+        )
+        inputs.append(
+            InputPath(expert.calibration, f"the calibration data of {expert.name}")
+        )
+        folders = {os.path.dirname(i) for record in found for i in record.images}
+        inputs += [
+            InputPath(folder, f"an image folder of {expert.name}")
+            for folder in sorted(folders)
+        ]
+    for expert, chosen in zip(plan.experts, records):
+        with_images = next((r for r in chosen if r.images), None)
+        if with_images is not None:
+            check_processor(expert, plan.base, with_images, trust)
+    return records
 
 
 def check_artifact(

@@ -27,6 +27,7 @@ class TaskVectors:
 
     names: list[str]
     experts: int
+    mode: str  # "resident" or "streamed", as the report names it
 
     def numel(self, name: str) -> int:
         raise NotImplementedError
@@ -53,6 +54,8 @@ class TaskVectors:
 
 
 class ResidentTaskVectors(TaskVectors):
+    mode = "resident"
+
     def __init__(
         self, base: Mapping[str, torch.Tensor], stacked: Mapping[str, torch.Tensor]
     ):
@@ -100,6 +103,8 @@ class CheckpointReader:
 
 
 class StreamedTaskVectors(TaskVectors):
+    mode = "streamed"
+
     def __init__(
         self,
         base_dir: str,

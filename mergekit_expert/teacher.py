@@ -92,6 +92,7 @@ class TeacherCache:
             )
 
     def _path(self, index: int) -> str:
+        assert self.directory is not None  # only called for a cache on disk
         return os.path.join(self.directory, f"{index}.safetensors")
 
     @staticmethod
