@@ -207,19 +207,23 @@ def test_second_run_on_the_same_out_is_refused(project):
     document = yaml.safe_load(open("merge.yml"))
     # Settings where training moves the coefficients (checked below).
     document["calibration"].update(
-        {"epochs": 40, "patience": 100, "reg_weight": 0.0, "lr": 0.05}
+        {"epochs": 3, "patience": 100, "reg_weight": 0.0, "lr": 0.05}
     )
     write_config(project / "long.yml", document)
     reference = invoke("long.yml", "reference")
     assert reference.exit_code == 0, reference.output
     first = start_process(["long.yml", "merged"], stderr=subprocess.PIPE)
     try:
-        wait_for_checkpoint(first, project / "merged")
+        wait_for_checkpoint(first, project / "merged")  # it holds the lock now
+        # Stopped, the first run keeps holding the lock however fast it would
+        # otherwise finish: the second run certainly starts while it is held.
+        first.send_signal(signal.SIGSTOP)
         started = time.time()
         result = invoke("merge.yml", "merged")  # another config, same OUT
         assert time.time() - started < 30, "the second run must fail at once"
         assert result.exit_code != 0
         assert f"another mergekit-expert run (pid {first.pid})" in result.output
+        first.send_signal(signal.SIGCONT)
         assert first.wait(timeout=600) == 0, first.stderr.read().decode()
     finally:
         if first.poll() is None:

@@ -19,8 +19,19 @@ from mergekit_expert.testing.cli import (
 from mergekit_expert.testing.tiny import expert_config
 
 # Settings where every epoch lowers the objective, so a resume that restored
-# the wrong state could not hide behind coefficients that never moved.
-LONG = {"epochs": 10, "patience": 100, "budget": 3.0, "reg_weight": 0.0, "lr": 0.05}
+# the wrong state could not hide behind coefficients that never moved. Two
+# samples per expert (three experts, the LoRA one included) in steps of three:
+# two optimizer steps per epoch, each epoch in its own seeded order.
+EPOCHS, STEPS_PER_EPOCH = 3, 2
+LONG = {
+    "epochs": EPOCHS,
+    "samples_per_expert": 2,
+    "accumulation": 3,
+    "patience": 100,
+    "budget": 3.0,
+    "reg_weight": 0.0,
+    "lr": 0.05,
+}
 
 
 def run_cli(*args):
@@ -35,20 +46,22 @@ def test_sigkill_in_stage1_and_stage2_then_resume_is_identical(tiny, tmp_path):
     report = read_report(reference)
     for stage in ("stage1", "stage2"):
         objective = report[stage]["objective"]
-        assert report[stage]["kept_epoch"] == len(objective) - 1 == 10, stage
+        assert report[stage]["kept_epoch"] == len(objective) - 1 == EPOCHS, stage
         assert all(b < a for a, b in zip(objective, objective[1:])), objective
+        assert report[stage]["optimizer_steps"] == EPOCHS * STEPS_PER_EPOCH, stage
     assert any(
         (a - 0.3).abs().max() > 1e-3 for a in read_coefficients(reference).values()
     )
 
     out = tmp_path / "out"
-    kill_at(config, out, reached("stage1", 3))
+    kill_at(config, out, reached("stage1", 3))  # inside stage 1's second epoch
     assert not out.exists(), "an interrupted run must not leave OUT"
-    kill_at(config, out, reached("stage2", 2))
+    kill_at(config, out, reached("stage2", 2))  # resumed stage 1, killed in stage 2
     assert not out.exists()
     result = run_cli(config, out)
     assert result.exit_code == 0, result.output
     assert not os.path.exists(str(out) + ".partial"), "the working directory is removed"
+    assert read_report(out)["resumed"], "stage 2 is resumed, not redone from the start"
     expected, got = read_coefficients(reference), read_coefficients(out)
     assert expected.keys() == got.keys()
     for name in expected:
@@ -71,7 +84,7 @@ def test_changed_config_invalidates_the_checkpoint(tiny, tmp_path):
     report = read_report(out)
     assert report["calibration"]["reg_weight"] == 0.5 and not report["resumed"]
     # A fresh start trains every step of every epoch again.
-    assert report["stage1"]["optimizer_steps"] == 10 * 2
+    assert report["stage1"]["optimizer_steps"] == EPOCHS * STEPS_PER_EPOCH
 
 
 def tree_digest(path) -> dict[str, str]:
