@@ -13,6 +13,5 @@ tricks. Nothing here is imported by the merge methods themselves.
 - :mod:`.cli`: write a YAML, run ``mergekit-expert``, read what it wrote
 - :mod:`.oracles`: the merged model computed by hand, independently of the code
 
-The submodules import their heavy dependencies (tokenizers, transformers)
-themselves; importing this package alone loads none of them.
+Each submodule imports what it needs; this ``__init__`` imports none of them.
 """
