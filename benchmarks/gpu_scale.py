@@ -44,87 +44,55 @@ SIZES = {
 
 def build_models(root: str, size: str, experts: int, device: str) -> dict:
     """Random base (bf16 on disk) and experts = base + small noise; a BPE tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM
 
-    texts = corpus()
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(
-        texts,
-        trainers.BpeTrainer(
-            vocab_size=min(4096, SIZES[size]["vocab_size"]),
-            special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-    )
-    config = LlamaConfig(
-        **SIZES[size],
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
+    from mergekit_expert.testing.corpus import top_level_sources
+    from mergekit_expert.testing.models import add_noise_, llama_config, save_pretrained
+    from mergekit_expert.testing.tokenizer import tiny_tokenizer
+
+    shape = SIZES[size]
+    tokenizer = tiny_tokenizer(top_level_sources(), min(4096, shape["vocab_size"]))
+    config = llama_config(
+        shape["vocab_size"],
+        hidden=shape["hidden_size"],
+        intermediate=shape["intermediate_size"],
+        layers=shape["num_hidden_layers"],
+        heads=shape["num_attention_heads"],
+        kv_heads=shape["num_key_value_heads"],
+        max_positions=2048,
     )
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     params = sum(p.numel() for p in model.parameters())
     paths = {"base": os.path.join(root, "base")}
-    model.save_pretrained(paths["base"])
-    wrapped.save_pretrained(paths["base"])
+    save_pretrained(model, tokenizer, paths["base"])
     originals = {n: p.detach().clone() for n, p in model.named_parameters()}
     for k in range(experts):
-        generator = torch.Generator(device=device).manual_seed(k + 1)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                noise = torch.randn(
-                    p.shape, generator=generator, device=device, dtype=torch.float32
-                )
-                p.copy_((originals[name].float() + 0.002 * noise).to(p.dtype))
+        # One model reused: expert k = base + N(0, 0.002^2) (float32 sum, bf16 on disk).
+        add_noise_(model, k + 1, 0.002, reference=originals)
         paths[f"expert{k}"] = os.path.join(root, f"expert{k}")
-        model.save_pretrained(paths[f"expert{k}"])
-        wrapped.save_pretrained(paths[f"expert{k}"])
+        save_pretrained(model, tokenizer, paths[f"expert{k}"])
     del model, originals
     return {"paths": paths, "parameters": params, "config": SIZES[size]}
 
 
-def corpus() -> list[str]:
-    """Real text that ships with Python: the standard library's own source."""
-    import sysconfig
-
-    stdlib = sysconfig.get_paths()["stdlib"]
-    texts = []
-    for name in sorted(os.listdir(stdlib))[:80]:
-        if name.endswith(".py"):
-            with open(
-                os.path.join(stdlib, name), encoding="utf-8", errors="replace"
-            ) as handle:
-                texts.append(handle.read()[:6000])
-    return texts
-
-
 def write_calibration(root: str, experts: int, records: int) -> list[str]:
-    texts = corpus()
-    files = []
-    for k in range(experts):
-        path = os.path.join(root, f"calibration{k}.jsonl")
-        with open(path, "w", encoding="utf-8") as handle:
-            for j in range(records):
-                handle.write(
-                    json.dumps({"text": texts[(k * records + j) % len(texts)][:1500]})
-                    + "\n"
-                )
-        files.append(path)
-    return files
+    """``records`` text records per expert, cut from the standard library's source."""
+    from mergekit_expert.testing.calibration import write_jsonl
+    from mergekit_expert.testing.corpus import top_level_sources
+
+    texts = top_level_sources()
+    return [
+        write_jsonl(
+            os.path.join(root, f"calibration{k}.jsonl"),
+            (
+                {"text": texts[(k * records + j) % len(texts)][:1500]}
+                for j in range(records)
+            ),
+        )
+        for k in range(experts)
+    ]
 
 
 def run(command: list[str], env: dict) -> float:

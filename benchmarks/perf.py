@@ -28,9 +28,9 @@ and the first K = 3 of its noisy experts, float32, cached under
     python benchmarks/perf.py --smoke    # a 2-layer toy model, results under bench_out/
 
 Writes ``benchmarks/results/perf.json`` and ``perf.md``. Only the standard
-library is imported at module level: this file is also the measurement process
-(``perf.py _measure ...``), which must stay lean and have the CLI as its only
-child (``scale.measure_main``).
+library (and ``scale.py`` beside this file) is imported at module level: this
+file is also the measurement process (``perf.py _measure ...``), which must
+have the CLI as its only child (``scale.measure_main``).
 """
 
 from __future__ import annotations
@@ -47,8 +47,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import scale  # noqa: E402
+import scale  # beside this file: the script's folder is on sys.path
 
 ROOT = scale.ROOT
 EXPERTS = 3
@@ -355,7 +354,7 @@ def write_main(config_path: str, out: str, result: str) -> int:
             {
                 "method": config.merge_method,
                 "run_merge_s": round(wall, 3),
-                "vm_hwm_mib": round(_status_kib("VmHWM") / 1024, 1),
+                "vm_hwm_mib": _vm_hwm_mib(),
             }
         )
     )
@@ -367,29 +366,11 @@ def write_main(config_path: str, out: str, result: str) -> int:
 # --------------------------------------------------------------------------
 
 
-def _status_kib(field: str) -> int:
-    """A field of /proc/self/status, in KiB."""
-    with open("/proc/self/status", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
+def _vm_hwm_mib() -> float:
+    """This process's peak resident memory since the last reset (VmHWM), MiB."""
+    from mergekit_expert.memory import stage_peak_bytes
 
-
-def _reset_peak() -> None:
-    """Restart the kernel's peak-RSS count (VmHWM) of this process."""
-    with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
-        handle.write("5")
-
-
-def _malloc_trim() -> None:
-    """Hand freed heap back to the OS, as our training loop does after each step."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+    return round(stage_peak_bytes() / 2**20, 1)
 
 
 class FunctionalMerge:
@@ -450,6 +431,7 @@ def naive_main(spec_path: str, result_path: str) -> int:
 
     from mergekit_expert.config import CalibrationConfig
     from mergekit_expert.data import epoch_order
+    from mergekit_expert.memory import release_freed_memory, reset_peak, status_bytes
     from mergekit_expert.objective import Objective, regularizer
     from mergekit_expert.placement import Placement
     from mergekit_expert.records import choose_records, load_records
@@ -537,9 +519,10 @@ def naive_main(spec_path: str, result_path: str) -> int:
     epoch_loss: list[float] = []
     step_seconds: list[float] = []
     steps = spec["steps"]
-    _malloc_trim()
-    rss_before = _status_kib("VmRSS")
-    _reset_peak()
+    release_freed_memory()  # as our training loop does after each step
+    rss_before = status_bytes("self", ("VmRSS",))["VmRSS"]
+    if not reset_peak():
+        raise RuntimeError("cannot reset VmHWM (/proc/self/clear_refs)")
     loop_start = time.perf_counter()
     while len(step_seconds) < steps:
         order = [
@@ -565,14 +548,14 @@ def naive_main(spec_path: str, result_path: str) -> int:
             torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
             optimizer.step()
             scheduler.step()
-            _malloc_trim()
+            release_freed_memory()
             step_seconds.append(round(time.perf_counter() - start, 4))
             epoch_total += data_loss + float(reg.detach())
         else:  # a whole epoch: the same bookkeeping as ours (untimed per step)
             epoch_loss.append(epoch_total / steps_per_epoch)
             alignment.append(measure())
     loop_s = time.perf_counter() - loop_start
-    peak = _status_kib("VmHWM")
+    peak = status_bytes("self", ("VmHWM",))["VmHWM"]
     alphas = {name: a.detach() for name, a in naive.alphas().items()}
     mean_alpha = [
         float(torch.cat([a[k] for a in alphas.values()]).mean()) for k in range(experts)
@@ -581,8 +564,8 @@ def naive_main(spec_path: str, result_path: str) -> int:
         "optimizer_steps": len(step_seconds),
         "step_seconds": step_seconds,
         "mean_step_s": round(statistics.mean(step_seconds), 4),
-        "loop_peak_rss_mib": round(peak / 1024, 1),
-        "rss_before_loop_mib": round(rss_before / 1024, 1),
+        "loop_peak_rss_mib": round(peak / 2**20, 1),
+        "rss_before_loop_mib": round(rss_before / 2**20, 1),
         "loop_wall_s": round(loop_s, 2),
         "setup_wall_s": round(setup_s, 2),
         "alignment_loss": alignment,

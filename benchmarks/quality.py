@@ -35,7 +35,6 @@ import platform
 import random
 import shutil
 import statistics
-import sys
 import time
 import unicodedata
 from dataclasses import asdict, dataclass, field, replace
@@ -44,21 +43,25 @@ from pathlib import Path
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "examples" / "demo"))
-
-from bpe import train_tokenizer  # noqa: E402
-from calibration import text_chunks  # noqa: E402
-from domains import (  # noqa: E402
+from mergekit_expert.testing.calibration import sum_prompts, text_records, write_sets
+from mergekit_expert.testing.corpus import (
     DataConfig,
     Domain,
-    _split,
     arithmetic_pairs,
     arithmetic_problem,
     load_domains,
+    split_documents,
 )
-from models import TrainConfig, new_model, token_stream, train  # noqa: E402
+from mergekit_expert.testing.tokenizer import bos_tokenizer
+from mergekit_expert.testing.training import (
+    TrainConfig,
+    eval_blocks,
+    new_model,
+    token_stream,
+    train,
+)
 
+ROOT = Path(__file__).resolve().parent.parent
 CODE_VERSION = 1  # bump when model or data construction below changes
 DOMAINS = ("code", "prose", "arithmetic", "unicode")
 LAMBDAS = (0.1, 0.3, 0.5, 0.7, 1.0)  # task_arithmetic grid (the issue's)
@@ -142,7 +145,7 @@ def load_unicode(cfg: DataConfig, group: int) -> Domain:
             lines.append(f"U+{cp:04X} {name} {unicodedata.category(chr(cp))}")
     docs = ["\n".join(lines[i : i + group]) for i in range(0, len(lines), group)]
     random.Random(cfg.seed + 3).shuffle(docs)
-    return Domain("unicode", *_split(docs, cfg))
+    return Domain("unicode", *split_documents(docs, cfg))
 
 
 def all_domains(cfg: QualityConfig) -> dict[str, Domain]:
@@ -173,9 +176,7 @@ def test_sums(cfg: QualityConfig) -> list[tuple[int, int]]:
 
 def blocks_of(docs: list[str], tokenizer, seq_len: int, n: int) -> torch.Tensor:
     """The first ``n`` non-overlapping windows of the split's token stream."""
-    stream = token_stream(docs, tokenizer)
-    n = min(n, len(stream) // seq_len)
-    return stream[: n * seq_len].view(n, seq_len)
+    return eval_blocks(token_stream(docs, tokenizer), seq_len, n)
 
 
 # --------------------------------------------------------------------------
@@ -225,8 +226,10 @@ def train_models(cfg: QualityConfig, domains: dict[str, Domain], model_dir: Path
     else:
         shutil.rmtree(model_dir, ignore_errors=True)
         torch.manual_seed(tc.seed)
-        tokenizer = train_tokenizer(
-            (doc for d in domains.values() for doc in d.train), tc.vocab_size
+        tokenizer = bos_tokenizer(
+            (doc for d in domains.values() for doc in d.train),
+            tc.vocab_size,
+            split_digits=True,
         )
         base = new_model(tc, tokenizer)
         n_params = sum(p.numel() for p in base.parameters())
@@ -393,24 +396,15 @@ def document(model_dir: Path, method: str, params: dict, **extra) -> dict:
 
 def write_calibration(cfg: QualityConfig, domains, tokenizer, folder: Path, seed: int):
     """Seeded calibration samples, drawn from the train splits only."""
-    folder.mkdir(parents=True, exist_ok=True)
     n, max_tokens = 5, cfg.train.seq_len  # the method's default samples per expert
     records = {
-        name: [
-            {"text": t}
-            for t in text_chunks(
-                domains[name].train, tokenizer, n, max_tokens, 1000 * seed + i
-            )
-        ]
+        name: text_records(
+            domains[name].train, tokenizer, n, max_tokens, 1000 * seed + i
+        )
         for i, name in enumerate(("code", "prose", "unicode"))
     }
-    pairs = random.Random(seed).sample(arithmetic_pairs(cfg.data)[0], n)
-    records["arithmetic"] = [{"prompt": f"{a}+{b}="} for a, b in pairs]
-    paths = {}
-    for name, rows in records.items():
-        paths[name] = folder / f"{name}.jsonl"
-        paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return paths
+    records["arithmetic"] = sum_prompts(arithmetic_pairs(cfg.data)[0], n, seed)
+    return write_sets(folder, records)
 
 
 # Calibrated rows: (label, method, calibration overrides). ``task_weights`` is

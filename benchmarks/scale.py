@@ -16,14 +16,15 @@ writer alone, as a control), each in a fresh measurement process, and writes
 
 Models are cached under ``bench_out/scale/`` and reused while their fingerprint
 matches. Only the standard library is imported at module level: the
-measurement process (``scale.py _measure ...``) must stay lean and must have
-the CLI as its only child, so that ``RUSAGE_CHILDREN`` is that child's peak.
+measurement process (``scale.py _measure ...``) must have the CLI as its only
+child, so that ``RUSAGE_CHILDREN`` is that child's peak. It imports the /proc
+reader (``mergekit_expert.memory``, and with it the package) before it starts
+the child, so neither the child's peak nor its wall time includes that.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import hashlib
 import json
 import os
@@ -33,7 +34,6 @@ import resource
 import shutil
 import subprocess
 import sys
-import sysconfig
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -66,69 +66,6 @@ class BenchConfig:
 # --------------------------------------------------------------------------
 # Building the models, tokenizer and calibration data (cached)
 # --------------------------------------------------------------------------
-
-
-def stdlib_docstrings(limit_chars: int) -> list[str]:
-    """Docstrings of the Python standard library (modules, classes, functions)."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    texts: list[str] = []
-    total = 0
-    for path in sorted(stdlib.rglob("*.py")):
-        if "site-packages" in path.parts or "test" in path.parts:
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(
-                node,
-                ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef,
-            ):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) > 40:
-                    texts.append(doc)
-                    total += len(doc)
-        if total >= limit_chars:
-            break
-    return texts
-
-
-def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
-    """Byte-level BPE wrapped as a PreTrainedTokenizerFast; encoding prepends BOS."""
-    from tokenizers import (
-        Tokenizer,
-        decoders,
-        models,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>"]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(
-        texts,
-        trainer=trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            special_tokens=specials,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        ),
-    )
-    bpe.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        clean_up_tokenization_spaces=False,
-    )
 
 
 def calibration_records(
@@ -191,7 +128,17 @@ def cache_is_valid(cache: Path, cfg: BenchConfig) -> bool:
 def build_models(cache: Path, cfg: BenchConfig) -> dict[str, Any]:
     """Build (or reuse) base, experts, tokenizer and calibration files; model info."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
+
+    from mergekit_expert.testing.calibration import write_jsonl
+    from mergekit_expert.testing.corpus import stdlib_docstrings
+    from mergekit_expert.testing.models import (
+        add_noise_,
+        llama_config,
+        save_pretrained,
+        token_ids,
+    )
+    from mergekit_expert.testing.tokenizer import bos_tokenizer
 
     base_dir, expert_dirs, data_files = model_dirs(cache, cfg)
     if cache_is_valid(cache, cfg):
@@ -205,26 +152,22 @@ def build_models(cache: Path, cfg: BenchConfig) -> dict[str, Any]:
     (cache / "data").mkdir(parents=True)
 
     texts = stdlib_docstrings(cfg.corpus_chars)
-    tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    tokenizer = bos_tokenizer(texts, cfg.vocab_size)
     print(
         f"tokenizer: {len(tokenizer)} tokens from {len(texts)} docstrings "
         f"({sum(map(len, texts)) / 1e6:.1f}M chars)"
     )
     for path, records in zip(data_files, calibration_records(texts, tokenizer, cfg)):
-        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        write_jsonl(path, records)
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.hidden,
-        intermediate_size=cfg.intermediate,
-        num_hidden_layers=cfg.layers,
-        num_attention_heads=cfg.heads,
-        num_key_value_heads=cfg.heads,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    config = llama_config(
+        len(tokenizer),
+        hidden=cfg.hidden,
+        intermediate=cfg.intermediate,
+        layers=cfg.layers,
+        heads=cfg.heads,
+        max_positions=512,
+        **token_ids(tokenizer),
     )
     dtype = getattr(torch, cfg.dtype)
     torch.manual_seed(cfg.seed)
@@ -234,19 +177,15 @@ def build_models(cache: Path, cfg: BenchConfig) -> dict[str, Any]:
     base_state = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     def save(directory: Path) -> None:
-        model.to(dtype).save_pretrained(directory, safe_serialization=True)
-        tokenizer.save_pretrained(directory)
+        save_pretrained(model.to(dtype), tokenizer, directory)
         model.to(torch.float32)
 
     save(base_dir)
-    with torch.no_grad():
-        for k, directory in enumerate(expert_dirs):
-            generator = torch.Generator().manual_seed(cfg.seed + 1 + k)
-            for name, parameter in model.named_parameters():
-                noise = torch.randn(parameter.shape, generator=generator)
-                parameter.copy_(base_state[name] + cfg.noise_std * noise)
-            save(directory)
-            print(f"  saved {directory.name}")
+    for k, directory in enumerate(expert_dirs):
+        # One model reused: expert k = base + N(0, noise_std^2), seed + 1 + k.
+        add_noise_(model, cfg.seed + 1 + k, cfg.noise_std, reference=base_state)
+        save(directory)
+        print(f"  saved {directory.name}")
     info = {
         "architecture": "LlamaForCausalLM",
         "parameters": params,
@@ -274,20 +213,6 @@ def build_models(cache: Path, cfg: BenchConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------
 
 
-def read_status_kib(pid: int) -> dict[str, int]:
-    """VmRSS / RssAnon / RssFile / RssShmem of a process in KiB ({} if gone)."""
-    values: dict[str, int] = {}
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as handle:
-            for line in handle:
-                key, _, rest = line.partition(":")
-                if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
-                    values[key] = int(rest.split()[0])
-    except (OSError, ValueError):
-        return {}
-    return values
-
-
 def sample_rss(
     pid: int,
     peaks: dict[str, int],
@@ -296,25 +221,28 @@ def sample_rss(
 ) -> None:
     """Poll /proc/PID/status every 20 ms until ``stop``.
 
-    Keeps the peak of each field (KiB) and, every 100 ms, a timeline row
+    Keeps the peak of each field (bytes) and, every 100 ms, a timeline row
     [seconds, VmRSS, RssAnon, RssFile] in MiB.
     """
+    from mergekit_expert.memory import status_bytes
+
     start = time.perf_counter()
     tick = 0
     while not stop.is_set():
-        values = read_status_kib(pid)
+        values = status_bytes(pid, SAMPLED_FIELDS)
         for key, value in values.items():
             peaks[key] = max(peaks.get(key, 0), value)
         if values and tick % 5 == 0:
             timeline.append(
                 [round(time.perf_counter() - start, 2)]
-                + [round(values.get(k, 0) / 1024, 1) for k in TIMELINE_FIELDS]
+                + [round(values.get(k, 0) / 2**20, 1) for k in TIMELINE_FIELDS]
             )
         tick += 1
         stop.wait(0.02)
 
 
 TIMELINE_FIELDS = ("VmRSS", "RssAnon", "RssFile")
+SAMPLED_FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
 
 
 def measure_main(result_file: str, command: list[str]) -> int:
@@ -324,6 +252,8 @@ def measure_main(result_file: str, command: list[str]) -> int:
     descendant, so with a single child it is exactly that child's peak (KiB on
     Linux). A sampler adds the anonymous/file-backed split (sampled, 20 ms).
     """
+    import mergekit_expert.memory  # noqa: F401  (the sampler's reader, loaded now)
+
     peaks: dict[str, int] = {}
     timeline: list[list[float]] = []
     stop = threading.Event()
@@ -344,7 +274,7 @@ def measure_main(result_file: str, command: list[str]) -> int:
         "wall_s": round(wall, 2),
         "peak_rss_mib": round(maxrss * scale / 2**20, 1),
         "sampled_peak_mib": {
-            key: round(value / 1024, 1) for key, value in sorted(peaks.items())
+            key: round(value / 2**20, 1) for key, value in sorted(peaks.items())
         },
         "timeline_fields": ["s", *TIMELINE_FIELDS],
         "timeline": timeline,

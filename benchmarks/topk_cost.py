@@ -20,12 +20,13 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-DEMO = Path(__file__).resolve().parent.parent / "examples" / "demo"
-sys.path.insert(0, str(DEMO))
-
-from domains import DataConfig, load_domains  # noqa: E402
-from evaluation import eval_blocks, mean_cross_entropy  # noqa: E402
-from models import TrainConfig, token_stream  # noqa: E402
+from mergekit_expert.testing.corpus import DataConfig, load_domains
+from mergekit_expert.testing.training import (
+    TrainConfig,
+    eval_blocks,
+    mean_cross_entropy,
+    token_stream,
+)
 
 TOP_K = (None, 256, 64, 16)
 

@@ -1,20 +1,26 @@
-"""Peak memory readers (Linux ``/proc``, ``getrusage``) and the per-stage clock.
+"""Resident memory as the kernel counts it: peaks, per-stage peaks, other processes.
 
-The report gives each stage's wall time and peak resident memory; benchmarks
-read the same numbers, so there is one reader of each.
+One home for the /proc readers that the pipeline's stage clock and the
+benchmarks share. Standard library only at import (torch is imported by the
+functions that need it), so a measurement process pays
+nothing for it beyond importing this package. Linux gives the most (VmHWM and
+its reset through ``clear_refs``, ``/proc/PID/status``); elsewhere only the
+process peak from ``getrusage`` is available and the other readers return
+0, ``False`` or ``{}``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import resource
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-import torch
+STAGE_PEAKS = "MERGEKIT_EXPERT_STAGE_PEAKS"
 
 
 def peak_rss_bytes() -> int:
@@ -23,14 +29,12 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def reset_stage_peak() -> bool:
-    """Restart the kernel's peak-RSS count (Linux), so a stage reports its own peak.
+def reset_peak() -> bool:
+    """Restart the kernel's peak-RSS count (VmHWM) of this process (Linux).
 
-    Only with ``MERGEKIT_EXPERT_STAGE_PEAKS=1`` (benchmarks): the reset also
-    clears the process's ``ru_maxrss``, which outside tools read at exit.
+    The reset also clears the process's ``ru_maxrss``. False where the kernel
+    offers no reset.
     """
-    if os.environ.get("MERGEKIT_EXPERT_STAGE_PEAKS") != "1":
-        return False
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
             handle.write("5")
@@ -39,23 +43,58 @@ def reset_stage_peak() -> bool:
         return False
 
 
+def reset_stage_peak() -> bool:
+    """Restart the kernel's peak-RSS count (Linux), so a stage reports its own peak.
+
+    Only with ``MERGEKIT_EXPERT_STAGE_PEAKS=1`` (benchmarks): the reset also
+    clears the process's ``ru_maxrss``, which outside tools read at exit.
+    """
+    if os.environ.get(STAGE_PEAKS) != "1":
+        return False
+    return reset_peak()
+
+
 def stage_peak_bytes() -> int:
     """Peak resident memory since the last :func:`reset_stage_peak` (VmHWM)."""
-    return status_field("self", "VmHWM") * 1024
+    return status_bytes("self", ("VmHWM",)).get("VmHWM", 0)
 
 
-def status_field(pid: int | str, name: str) -> int:
-    """A numeric field of ``/proc/PID/status`` (kB fields in KiB); 0 if absent."""
-    with open(f"/proc/{pid}/status", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith(name + ":"):
-                return int(line.split()[1])
-    return 0
+def status_bytes(pid: int | str = "self", fields: Iterable[str] = ()) -> dict[str, int]:
+    """Memory fields of ``/proc/PID/status`` (VmRSS, VmHWM, RssAnon, ...) in bytes.
+
+    One read of the file, so the fields are consistent with each other; the
+    fields the kernel does not report are left out, and a process that is
+    gone (or a system without /proc) gives ``{}``.
+    """
+    wanted = set(fields)
+    values: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as handle:
+            for line in handle:
+                key, _, rest = line.partition(":")
+                if key in wanted:
+                    values[key] = int(rest.split()[0]) * 1024  # the kernel's kB
+    except (OSError, ValueError, IndexError):
+        return {}
+    return values
 
 
-def available_bytes(device: torch.device) -> int:
-    """Free memory on ``device``: the GPU's free memory, or the host's available RAM."""
+def release_freed_memory() -> None:
+    """Hand freed heap back to the OS (glibc keeps large freed temporaries
+    otherwise, so peak RSS would drift with the number of steps)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+
+
+def available_bytes(device) -> int:
+    """Free memory on a torch ``device``: the GPU's free memory, or the host's
+    available RAM."""
     if device.type == "cuda":
+        import torch
+
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
     try:
@@ -76,6 +115,8 @@ class StageClock:
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        import torch
+
         start = time.perf_counter()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()

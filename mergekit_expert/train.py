@@ -8,10 +8,8 @@ its merged weights from the new coefficients.
 
 from __future__ import annotations
 
-import ctypes
 import math
 import random
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +22,7 @@ from .config import CalibrationConfig
 from .data import epoch_order
 from .distributed import all_reduce_sum
 from .errors import ExpertMergingError
+from .memory import release_freed_memory
 from .objective import Objective
 from .student import Student
 
@@ -260,7 +259,7 @@ def _step(
     student.load()
     if student.device.type == "cuda":
         torch.cuda.synchronize()
-    _release_freed_memory()
+    release_freed_memory()  # else peak RSS drifts up with the number of steps
     history.step_seconds.append(round(time.perf_counter() - started, 4))
     history.steps += 1
     loss = float(tally[0]) + float(reg.detach())
@@ -291,16 +290,6 @@ def _end_epoch(state, student, objective, config, steps_per_epoch, kept):
     state.position, state.order, state.epoch_total = 0, None, 0.0
     state.expert_sums, state.expert_counts = [0.0] * experts, [0] * experts
     return kept
-
-
-def _release_freed_memory() -> None:
-    """Hand freed heap back to the OS after a step (glibc keeps large freed
-    temporaries otherwise, so peak RSS would drift with the number of steps)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
 
 
 def _as_tuple(value):

@@ -5,32 +5,12 @@ from __future__ import annotations
 import os
 
 import transformers
-import yaml
-from click.testing import CliRunner
 
-from conftest import (
-    build_tokenizer,
-    expert_config,
-    save_model,
-    tiny_config,
-    write_jsonl,
-)
-from mergekit_expert.cli import main
-
-
-def run_failing(tmp_path, document, *extra) -> str:
-    config = tmp_path / "merge.yml"
-    config.write_text(
-        yaml.safe_dump(document) if isinstance(document, dict) else document
-    )
-    out = tmp_path / "out"
-    result = CliRunner().invoke(main, [str(config), str(out), "--quiet", *extra])
-    assert result.exit_code != 0
-    assert not out.exists(), "a failed run must not leave an output directory"
-    assert result.exception is None or isinstance(result.exception, SystemExit), (
-        result.exception
-    )
-    return result.output
+from mergekit_expert.testing.calibration import write_jsonl
+from mergekit_expert.testing.cli import invoke, run_failing, write_config
+from mergekit_expert.testing.models import save_pretrained, tiny_config
+from mergekit_expert.testing.tiny import TINY_CORPUS, VOCAB_SIZE, expert_config
+from mergekit_expert.testing.tokenizer import tiny_tokenizer
 
 
 def test_misspelled_calibration_key(tiny, tmp_path, no_model_loads):
@@ -107,10 +87,10 @@ def test_too_few_records(tiny, tmp_path, no_model_loads):
 
 
 def test_experts_of_different_shapes(tiny, tmp_path, no_model_loads):
-    tokenizer = build_tokenizer(str(tmp_path / "tok"))
+    tokenizer = tiny_tokenizer(TINY_CORPUS, VOCAB_SIZE)
     monkey = transformers.LlamaForCausalLM._from_config  # construction, not loading
     wide = monkey(tiny_config(len(tokenizer), hidden=48))
-    other = save_model(wide, tokenizer, str(tmp_path / "wide"))
+    other = save_pretrained(wide, tokenizer, str(tmp_path / "wide"))
     document = expert_config(tiny)
     document["models"][1]["model"] = other
     output = run_failing(tmp_path, document)
@@ -129,11 +109,9 @@ def test_existing_output_is_kept_on_failure(tiny, tmp_path, no_model_loads):
     out = tmp_path / "out"
     os.makedirs(out)
     (out / "keep.txt").write_text("mine")
-    config = tmp_path / "merge.yml"
     document = expert_config(tiny)
     document["calibration"]["lrr"] = 1
-    config.write_text(yaml.safe_dump(document))
-    result = CliRunner().invoke(main, [str(config), str(out), "--quiet"])
+    result = invoke(write_config(tmp_path / "merge.yml", document), out)
     assert result.exit_code != 0 and "did you mean 'lr'" in result.output
     assert (out / "keep.txt").read_text() == "mine"
 

@@ -1,15 +1,11 @@
 """The automatic initial alpha against an independent task-arithmetic evaluation."""
 
-import json
-import os
-
 import torch
-import yaml
-from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import CORPUS, write_jsonl
-from mergekit_expert.cli import main
+from mergekit_expert.testing.calibration import write_jsonl
+from mergekit_expert.testing.cli import run_document
+from mergekit_expert.testing.tiny import TINY_CORPUS as CORPUS
 
 
 def naive_alignment(base_dir, expert_dirs, texts, task_weights, alpha, layer):
@@ -77,15 +73,7 @@ def test_auto_init_picks_the_best_task_arithmetic_alpha(tiny, tmp_path):
             "init_grid": [0.2, 0.5, 0.9],
         },
     }
-    config = tmp_path / "merge.yml"
-    config.write_text(yaml.safe_dump(document))
-    result = CliRunner().invoke(
-        main, [str(config), str(tmp_path / "out"), "--quiet"], catch_exceptions=False
-    )
-    assert result.exit_code == 0, result.output
-    report = json.load(
-        open(os.path.join(tmp_path, "out", "expert_merging", "report.json"))
-    )
+    report = run_document(tmp_path, document, out=tmp_path / "out").report
     curve = report["init_curve"]
     assert [point["alpha"] for point in curve] == [0.2, 0.5, 0.9]
     for point in curve:

@@ -8,6 +8,7 @@ import torch
 from mergekit_expert.data import epoch_order, make_sample, render
 from mergekit_expert.errors import ExpertMergingError
 from mergekit_expert.records import CalibrationRecord, choose_records, load_records
+from mergekit_expert.testing.calibration import write_jsonl
 
 ROWS = [
     {"text": "plain text"},
@@ -37,8 +38,7 @@ KINDS = [
 
 
 def test_every_source_format(tmp_path):
-    jsonl = tmp_path / "a.jsonl"
-    jsonl.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    jsonl = write_jsonl(tmp_path / "a.jsonl", ROWS)
     as_json = tmp_path / "a.json"
     as_json.write_text(json.dumps(ROWS))
     import datasets

@@ -9,48 +9,24 @@ import sys
 
 import pytest
 import torch
-import yaml
-from click.testing import CliRunner
 from safetensors import safe_open
-from safetensors.torch import load_file
 
-from conftest import expert_config
-from mergekit_expert.cli import main
+from mergekit_expert.testing.cli import (
+    invoke,
+    read_coefficients,
+    read_model,
+    read_report,
+    write_config,
+)
+from mergekit_expert.testing.oracles import expected_model, lora_delta
+from mergekit_expert.testing.tiny import expert_config
 
 BIN = os.path.dirname(sys.executable)
 
 
 def run_cli(*args) -> None:
-    result = CliRunner().invoke(main, [*args, "--quiet"], catch_exceptions=False)
+    result = invoke(*args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
-
-
-def write_yaml(path, document) -> str:
-    with open(path, "w", encoding="utf-8") as handle:
-        yaml.safe_dump(document, handle)
-    return str(path)
-
-
-def model_tensors(directory: str) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for name in os.listdir(directory):
-        if name.endswith(".safetensors") and name != "coefficients.safetensors":
-            tensors.update(load_file(os.path.join(directory, name)))
-    return tensors
-
-
-def lora_delta(adapter_dir: str) -> dict[str, torch.Tensor]:
-    """scale * B @ A per targeted weight, computed by hand from the adapter files."""
-    config = json.load(open(os.path.join(adapter_dir, "adapter_config.json")))
-    scale = config["lora_alpha"] / config["r"]
-    weights = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
-    deltas = {}
-    for key, a in weights.items():
-        if ".lora_A." in key:
-            b = weights[key.replace(".lora_A.", ".lora_B.")]
-            name = key.replace("base_model.model.", "").replace(".lora_A", "")
-            deltas[name] = scale * (b @ a)
-    return deltas
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +34,7 @@ def calibrated(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     # Without the regularizer any alignment gain lowers the objective, so the
     # kept coefficients are trained ones, not the initial 0.3 (checked below).
-    config = write_yaml(
+    config = write_config(
         root / "merge.yml", expert_config(tiny, calibration={"reg_weight": 0.0})
     )
     out = str(root / "out")
@@ -80,33 +56,27 @@ def test_output_equals_task_arithmetic_from_artifact(tiny, calibrated):
     init = json.loads(metadata["init"])
     assert len(init) == 3 and all(abs(v - 0.3) < 1e-6 for v in init)
 
-    base = model_tensors(tiny.base)
-    expert_tensors = [model_tensors(tiny.experts[0]), model_tensors(tiny.experts[1])]
     adapter = lora_delta(tiny.lora.split("+")[1])
     assert adapter, "the LoRA adapter must target some weights"
-    lora_expert = {n: t + adapter[n] if n in adapter else t for n, t in base.items()}
-    expert_tensors.append(lora_expert)
-    merged = model_tensors(out)
-    assert set(merged) == set(base)
+    merged = read_model(out)
     # Only the block projections are calibrated; norms and embeddings stay base.
-    assert set(coefficients) == {n for n in base if n.endswith("proj.weight")}
+    expected = expected_model(tiny.base, experts, coefficients)
+    assert set(merged) == set(expected)
+    assert set(coefficients) == {n for n in expected if n.endswith("proj.weight")}
     for name, tensor in merged.items():
-        expected = base[name].double().clone()
         if name in coefficients:
             matrix = coefficients[name]
             assert matrix.shape == (3, 1) and matrix.dtype == torch.float32
-            for k, expert in enumerate(expert_tensors):
-                expected += float(matrix[k, 0]) * (
-                    expert[name].double() - base[name].double()
-                )
-        torch.testing.assert_close(tensor.double(), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            tensor.double(), expected[name], rtol=1e-5, atol=1e-6
+        )
     # Training moved the coefficients away from the init.
     assert any((m - 0.3).abs().max() > 1e-3 for m in coefficients.values())
 
 
 def test_report_png_and_model_card(tiny, calibrated):
     _config, out = calibrated
-    report = json.load(open(os.path.join(out, "expert_merging", "report.json")))
+    report = read_report(out)
     assert report["experts"] == [tiny.experts[0], tiny.experts[1], tiny.lora]
     assert report["task_weights"] == [1.0, 1.2, 1.0]
     assert report["samples_per_expert"] == [3, 3, 3]
@@ -121,9 +91,7 @@ def test_report_png_and_model_card(tiny, calibrated):
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
     assert "## Expert Merging (mergekit-expert)" in card
-    artifact = load_file(
-        os.path.join(out, "expert_merging", "coefficients.safetensors")
-    )
+    artifact = read_coefficients(out)
     mean_first = float(torch.cat([m[0] for m in artifact.values()]).mean())
     assert abs(report["mean_alpha"][0] - mean_first) < 1e-6
 
@@ -133,10 +101,10 @@ def test_merge_from_artifact_without_calibration(tiny, calibrated, tmp_path):
     artifact = os.path.join(out, "expert_merging", "coefficients.safetensors")
     again = str(tmp_path / "again")
     run_cli(config, again, "--coefficients", artifact)
-    first, second = model_tensors(out), model_tensors(again)
+    first, second = read_model(out), read_model(again)
     for name in first:
         assert torch.equal(first[name], second[name]), name
-    report = json.load(open(os.path.join(again, "expert_merging", "report.json")))
+    report = read_report(again)
     assert "teacher" not in report["stages"], "no calibration may run"
 
     # Plain mergekit run_merge, with the artifact named in the YAML.
@@ -152,7 +120,7 @@ def test_merge_from_artifact_without_calibration(tiny, calibrated, tmp_path):
         plain,
         MergeOptions(lora_merge_cache=str(tmp_path / "lora"), quiet=True),
     )
-    third = model_tensors(plain)
+    third = read_model(plain)
     for name in first:
         assert torch.equal(first[name], third[name]), name
 
@@ -167,14 +135,14 @@ def test_other_methods_behave_like_mergekit_yaml(tiny, tmp_path):
         ],
         "dtype": "float32",
     }
-    config = write_yaml(tmp_path / "ties.yml", document)
+    config = write_config(tmp_path / "ties.yml", document)
     for tool, out in (("mergekit-yaml", "a"), ("mergekit-expert", "b")):
         subprocess.run(
             [os.path.join(BIN, tool), config, str(tmp_path / out), "--quiet"],
             check=True,
             capture_output=True,
         )
-    a, b = model_tensors(str(tmp_path / "a")), model_tensors(str(tmp_path / "b"))
+    a, b = read_model(tmp_path / "a"), read_model(tmp_path / "b")
     assert set(a) == set(b)
     for name in a:
         assert torch.equal(a[name], b[name]), name

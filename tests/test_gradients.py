@@ -5,11 +5,11 @@ import torch
 from torch.func import functional_call
 from transformers import LlamaForCausalLM
 
-from conftest import tiny_config
 from mergekit_expert.coefficients import chunk_count
 from mergekit_expert.config import DEFAULT_EXCLUDE
 from mergekit_expert.objective import hidden_loss, logit_loss, regularizer
 from mergekit_expert.student import Student, select_weights
+from mergekit_expert.testing.models import tiny_config
 
 
 def naive_loss(model, base, task_vectors, raw, activation, init, ids, teacher, layer):

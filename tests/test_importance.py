@@ -1,20 +1,17 @@
 """Expert Merging++: importance, chunk allocation and stage 2, against hand derivations."""
 
-import json
 import math
 import os
 import random
 
 import torch
-import yaml
-from click.testing import CliRunner
 from safetensors import safe_open
-from safetensors.torch import load_file
 
-from conftest import expert_config
-from mergekit_expert.cli import main
 from mergekit_expert.importance import allocate_chunks, layer_importance
 from mergekit_expert.task_vectors import ResidentTaskVectors
+from mergekit_expert.testing.cli import read_model, run_document
+from mergekit_expert.testing.oracles import expected_model
+from mergekit_expert.testing.tiny import expert_config
 
 
 def constant_magnitude(values, numel, seed):
@@ -34,17 +31,14 @@ def test_hand_worked_importance_and_allocation():
     }
     alphas = {n: torch.tensor(alpha[n], dtype=torch.float64)[:, None] for n in numel}
 
-    # s_k(l) = mean|tau_k(l)| / sum_l mean|tau_k(l)|: expert 0 sums to 1.75, expert 1 to 1.0.
-    s = {
-        "A": (1.0 / 1.75, 0.2 / 1.0),
-        "B": (0.5 / 1.75, 0.2 / 1.0),
-        "C": (0.25 / 1.75, 0.6 / 1.0),
-    }
-    raw = {n: (alpha[n][0] * s[n][0] + alpha[n][1] * s[n][1]) * numel[n] for n in numel}
-    # raw A = (0.5/1.75 + 0.04) * 4, B = (0.4*0.5/1.75 + 0.12) * 8, C = (0.3*0.25/1.75 + 0.06) * 12
-    assert math.isclose(raw["A"], (0.5 / 1.75 + 0.04) * 4)
-    total = raw["A"] + raw["B"] + raw["C"]
-    expected_importance = {n: raw[n] / total for n in numel}
+    # s_k(l) = mean|tau_k(l)| / sum_l mean|tau_k(l)|: expert 0's sum is 1.75, so
+    # its s are 1/1.75 = 4/7, 0.5/1.75 = 2/7 and 0.25/1.75 = 1/7; expert 1's sum
+    # is 1.0, so its s are 0.2, 0.2 and 0.6. raw(l) = sum_k alpha_k(l) s_k(l) n(l):
+    #   A = (0.5 * 4/7 + 0.2 * 0.2) * 4  = (2/7  + 1/25) * 4  = 57/175 * 4  = 228/175
+    #   B = (0.4 * 2/7 + 0.6 * 0.2) * 8  = (4/35 + 3/25) * 8  = 41/175 * 8  = 328/175
+    #   C = (0.3 * 1/7 + 0.1 * 0.6) * 12 = (3/70 + 3/50) * 12 = 18/175 * 12 = 216/175
+    # The total is 772/175, so I = 228/772, 328/772, 216/772 = 57/193, 82/193, 54/193.
+    expected_importance = {"A": 57 / 193, "B": 82 / 193, "C": 54 / 193}
 
     vectors = ResidentTaskVectors(
         {n: torch.zeros(numel[n]) for n in numel}, task_vectors
@@ -53,23 +47,26 @@ def test_hand_worked_importance_and_allocation():
     for n in numel:
         assert math.isclose(importance[n], expected_importance[n], rel_tol=1e-6)
 
-    for budget, kappa in ((2.0, 1.2), (1.0, 1.0), (3.0, 2.0), (1.0, 0.0)):
-        big_b = budget * 3
-        weights = {n: expected_importance[n] ** kappa for n in numel}
-        norm = sum(weights.values())
-        expected = {n: math.floor(big_b * weights[n] / norm + 1e-9) for n in numel}
-        expected = {
-            n: len(torch.chunk(torch.zeros(numel[n]), m)) if m else 0
-            for n, m in expected.items()
-        }
+    # m(l) = floor(B * I(l)^kappa / sum_j I(j)^kappa) with B = budget * 3 tensors,
+    # and I proportional to 57 : 82 : 54:
+    #   budget 2, kappa 1.2 (the default kappa): B = 6; 57^1.2, 82^1.2, 54^1.2 are
+    #     127.953, 197.960, 119.915 (sum 445.827), so B * share = 1.722, 2.664, 1.614
+    #   budget 1, kappa 1: B = 3; 3 * 57/193, 3 * 82/193, 3 * 54/193 = 0.886, 1.275, 0.839
+    #   budget 3, kappa 2: B = 9; 57², 82², 54² = 3249, 6724, 2916 (sum 12889), so
+    #     9 * 3249/12889, 9 * 6724/12889, 9 * 2916/12889 = 2.269, 4.695, 2.036
+    #   budget 1, kappa 0: B = 3; every I^0 is 1, so 3 * 1/3 = 1 each
+    # Every count is one torch.chunk really gives (4 elements in 2 chunks of 2,
+    # 8 in 2 of 4 or 4 of 2, 12 in 2 of 6), so none is clipped.
+    cases = {
+        (2.0, 1.2): (6.0, {"A": 1, "B": 2, "C": 1}),
+        (1.0, 1.0): (3.0, {"A": 0, "B": 1, "C": 0}),
+        (3.0, 2.0): (9.0, {"A": 2, "B": 4, "C": 2}),
+        (1.0, 0.0): (3.0, {"A": 1, "B": 1, "C": 1}),
+    }
+    for (budget, kappa), (big_b, expected) in cases.items():
         allocation = allocate_chunks(importance, numel, budget, kappa)
         assert allocation.chunks == expected, (budget, kappa)
         assert allocation.budget == big_b
-    # The numbers themselves, for the default kappa with budget 2: B = 6.
-    i = expected_importance
-    assert allocate_chunks(importance, numel, 2.0, 1.2).chunks == {
-        n: math.floor(6 * i[n] ** 1.2 / sum(v**1.2 for v in i.values())) for n in numel
-    }
 
 
 def test_kappa_zero_gives_one_chunk_each():
@@ -102,19 +99,8 @@ def test_budget_is_never_exceeded_and_counts_match_torch_chunk():
 
 def run_pp(tiny, tmp_path, **calibration):
     document = expert_config(tiny, method="expert_merging_pp", calibration=calibration)
-    config = tmp_path / "merge.yml"
-    config.write_text(yaml.safe_dump(document))
-    out = tmp_path / "out"
-    result = CliRunner().invoke(
-        main, [str(config), str(out), "--quiet"], catch_exceptions=False
-    )
-    assert result.exit_code == 0, result.output
-    report = json.load(open(out / "expert_merging" / "report.json"))
-    return str(out), report
-
-
-def model_tensors(directory):
-    return load_file(os.path.join(directory, "model.safetensors"))
+    run = run_document(tmp_path, document, out=tmp_path / "out")
+    return str(run.out), run.report
 
 
 def test_pp_end_to_end_chunkwise_task_arithmetic(tiny, tmp_path):
@@ -127,37 +113,14 @@ def test_pp_end_to_end_chunkwise_task_arithmetic(tiny, tmp_path):
     ) as handle:
         assert handle.metadata()["method"] == "expert_merging_pp"
         coefficients = {n: handle.get_tensor(n) for n in handle.keys()}
-    base = model_tensors(tiny.base)
-    experts = [model_tensors(tiny.experts[0]), model_tensors(tiny.experts[1])]
-    config = json.load(
-        open(os.path.join(tiny.lora.split("+")[1], "adapter_config.json"))
-    )
-    adapter = load_file(
-        os.path.join(tiny.lora.split("+")[1], "adapter_model.safetensors")
-    )
-    lora = dict(base)
-    for key, a in adapter.items():
-        if ".lora_A." in key:
-            name = key.replace("base_model.model.", "").replace(".lora_A", "")
-            b = adapter[key.replace(".lora_A.", ".lora_B.")]
-            lora[name] = base[name] + config["lora_alpha"] / config["r"] * (b @ a)
-    experts.append(lora)
-    merged = model_tensors(out)
+    merged = read_model(out)
+    expected = expected_model(tiny.base, [*tiny.experts, tiny.lora], coefficients)
+    assert set(merged) == set(expected)
     for name, tensor in merged.items():
-        flat = base[name].double().reshape(-1).clone()
         if name in coefficients:
-            matrix = coefficients[name]
-            assert matrix.shape[1] == max(chunks[name], 1)
-            for k, expert in enumerate(experts):
-                tau = expert[name].double().reshape(-1) - base[name].double().reshape(
-                    -1
-                )
-                offset = 0
-                for s, piece in enumerate(torch.chunk(tau, matrix.shape[1])):
-                    flat[offset : offset + len(piece)] += float(matrix[k, s]) * piece
-                    offset += len(piece)
+            assert coefficients[name].shape[1] == max(chunks[name], 1)
         torch.testing.assert_close(
-            tensor.double(), flat.reshape(tensor.shape), rtol=1e-5, atol=1e-6
+            tensor.double(), expected[name], rtol=1e-5, atol=1e-6
         )
     # Warm start: stage 2 starts at stage 1's coefficients (same alignment loss)
     # and keeps minimizing the same objective, so it never ends above its start.

@@ -7,20 +7,23 @@ from mergekit.merge_methods import merge_state_dicts, merge_tensors
 
 import mergekit_expert
 from mergekit_expert.coefficients import chunk_count, expand_chunks, reduce_chunks
+from mergekit_expert.testing.oracles import hand_merge
 
 
-def hand_merge(base, experts, rows):
-    """base + sum_k sum_s alpha[k, s] * tau_k[chunk s], chunking with torch.chunk."""
-    flat = base.reshape(-1).double().clone()
-    for expert, row in zip(experts, rows):
-        tau = expert.reshape(-1).double() - base.reshape(-1).double()
-        pieces = torch.chunk(tau, len(row))
-        assert len(pieces) == len(row)
-        offset = 0
-        for coefficient, piece in zip(row, pieces):
-            flat[offset : offset + len(piece)] += coefficient * piece
-            offset += len(piece)
-    return flat.reshape(base.shape)
+def test_the_oracle_on_numbers_worked_by_hand():
+    # torch.chunk cuts 5 elements into 2 chunks as 3 + 2, so the coefficients
+    # 0.5 and 2 scale tau = expert - base = [1, 2, 3, 4, 5] to [0.5, 1, 1.5, 8, 10].
+    base = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0])
+    expert = torch.tensor([2.0, 3.0, 4.0, 5.0, 6.0])
+    merged = hand_merge(base, [expert], [[0.5, 2.0]])
+    assert merged.dtype == torch.float64
+    assert merged.tolist() == [1.5, 2.0, 2.5, 9.0, 11.0]
+    # Two experts, one coefficient each: tau_1 = 4 everywhere, tau_2 = [[-1, 2],
+    # [0, 4]], so 1 + 0.25 * 4 - tau_2 = [[3, 0], [2, -2]].
+    other = torch.tensor([[0.0, 3.0], [1.0, 5.0]])
+    fives = torch.full((2, 2), 5.0)
+    merged = hand_merge(torch.ones(2, 2), [fives, other], [[0.25], [-1.0]])
+    assert merged.tolist() == [[3.0, 0.0], [2.0, -2.0]]
 
 
 @pytest.mark.parametrize(

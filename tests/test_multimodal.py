@@ -9,14 +9,14 @@ from dataclasses import dataclass
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner
-from safetensors import safe_open
 from safetensors.torch import load_file
-from test_bad_input import run_failing
 
-from conftest import write_jsonl
-from mergekit_expert.cli import main
 from mergekit_expert.records import load_records
+from mergekit_expert.testing.calibration import write_jsonl
+from mergekit_expert.testing.cli import run_document, run_failing
+from mergekit_expert.testing.models import noisy_copy
+from mergekit_expert.testing.oracles import hand_merge
+from mergekit_expert.testing.tokenizer import train_bpe
 
 SPECIAL = [
     "<|endoftext|>",
@@ -50,20 +50,11 @@ TEXT_LAYERS = 2
 
 
 def build_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=SPECIAL,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
     corpus = ["Describe the image. A red square on a blue background."] * 20
     corpus += ["user assistant What colour is it? Red. Blue. Green."] * 20
-    bpe.train_from_iterator(corpus, trainer)
+    bpe = train_bpe(corpus, 300, SPECIAL)
     state = json.loads(bpe.to_str())["model"]
     return Qwen2Tokenizer(
         vocab=state["vocab"],
@@ -189,17 +180,12 @@ def make_setup(root, kind: str) -> TinyVL:
     tokenizer = build_tokenizer()
     base = build_model(tokenizer, seed=0, kind=kind)
     base_dir = save_with_processor(base, tokenizer, str(root / "base"), kind)
-    experts = []
-    for k in range(2):
-        expert = build_model(tokenizer, seed=0, kind=kind)
-        generator = torch.Generator().manual_seed(100 + k)
-        with torch.no_grad():
-            for parameter in expert.parameters():  # vision tower included
-                noise = torch.randn(parameter.shape, generator=generator)
-                parameter.add_(0.05 * noise)
-        experts.append(
-            save_with_processor(expert, tokenizer, str(root / f"e{k}"), kind)
+    experts = [  # noise on every weight, the vision tower's included
+        save_with_processor(
+            noisy_copy(base, 100 + k, 0.05), tokenizer, str(root / f"e{k}"), kind
         )
+        for k in range(2)
+    ]
     images = root / "images"
     images.mkdir()
     for i, colour in enumerate([(220, 30, 30), (30, 30, 220), (30, 200, 30)]):
@@ -266,18 +252,6 @@ def vl_config(setup: TinyVL, method: str, **calibration) -> dict:
     }
 
 
-def hand_merge(base, taus, alphas: torch.Tensor) -> torch.Tensor:
-    """base + sum_k sum_s alpha[k, s] * tau_k restricted to torch.chunk's chunk s."""
-    flat = base.reshape(-1).clone()
-    size = -(-flat.numel() // alphas.shape[1])  # ceil
-    for k, tau in enumerate(taus):
-        tau = tau.reshape(-1)
-        for s in range(alphas.shape[1]):
-            part = slice(s * size, min((s + 1) * size, flat.numel()))
-            flat[part] += alphas[k, s] * tau[part]
-    return flat.view_as(base)
-
-
 @pytest.mark.parametrize(
     "setup, method",
     [
@@ -290,18 +264,9 @@ def test_vl_end_to_end(request, tmp_path, setup, method):
     from transformers import AutoModelForImageTextToText
 
     tiny_vl = request.getfixturevalue(setup)
-    config = tmp_path / "merge.yml"
-    config.write_text(yaml.safe_dump(vl_config(tiny_vl, method)))
-    out = str(tmp_path / "out")
-    result = CliRunner().invoke(
-        main, [str(config), out, "--quiet"], catch_exceptions=False
-    )
-    assert result.exit_code == 0, result.output
-
-    with safe_open(
-        os.path.join(out, "expert_merging", "coefficients.safetensors"), "pt"
-    ) as handle:
-        alphas = {n: handle.get_tensor(n) for n in handle.keys()}
+    run = run_document(tmp_path, vl_config(tiny_vl, method))
+    out = str(run.out)
+    alphas = run.coefficients
     # By default only the language model's projections are calibrated.
     expected_names = {
         f"model.layers.{i}.{p}.weight"
@@ -316,9 +281,8 @@ def test_vl_end_to_end(request, tmp_path, setup, method):
     assert set(merged) == set(base)
     for name, tensor in merged.items():
         if name in alphas:
-            taus = [e[name] - base[name] for e in experts]
-            expected = hand_merge(base[name], taus, alphas[name])
-            torch.testing.assert_close(tensor, expected, rtol=1e-5, atol=1e-6)
+            expected = hand_merge(base[name], [e[name] for e in experts], alphas[name])
+            torch.testing.assert_close(tensor.double(), expected, rtol=1e-5, atol=1e-6)
         else:  # vision tower, projector, embeddings, norms, biases: the base's
             torch.testing.assert_close(tensor, base[name], rtol=0, atol=0)
     assert any(name.startswith("visual.") for name in merged)
@@ -345,7 +309,7 @@ def test_vl_end_to_end(request, tmp_path, setup, method):
     for name in ("preprocessor_config.json", "chat_template.jinja", "tokenizer.json"):
         assert os.path.exists(os.path.join(out, name)), name
 
-    report = json.load(open(os.path.join(out, "expert_merging", "report.json")))
+    report = run.report
     labels = report["pseudo_labels"]
     assert [p["expert"] for p in labels] == [0, 0]  # expert 0's prompt-only records
     assert report["samples_per_expert"] == [2, 2]

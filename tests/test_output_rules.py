@@ -13,18 +13,22 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from mergekit_expert.cli import main
 from mergekit_expert.errors import ExpertMergingError
 from mergekit_expert.output import check_output_location, foreign_entries
+from mergekit_expert.testing.cli import (
+    invoke,
+    run_process,
+    start_process,
+    wait_for_checkpoint,
+    write_config,
+)
 
 
 def digest(root) -> dict[str, str]:
@@ -75,10 +79,6 @@ def project(tiny, tmp_path, monkeypatch):
     (root / "merge.yml").write_text(yaml.safe_dump(document))
     monkeypatch.chdir(root)
     return root
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [*args, "--quiet"])
 
 
 def refused(root, out, *args, config="merge.yml") -> str:
@@ -158,7 +158,7 @@ def test_previous_output_is_replaced_at_the_end(project):
     first = load_file("merged/expert_merging/coefficients.safetensors")
     document = yaml.safe_load(open("merge.yml"))
     document["calibration"]["init"] = 0.6
-    (project / "other.yml").write_text(yaml.safe_dump(document))
+    write_config(project / "other.yml", document)
     assert invoke("other.yml", "merged").exit_code == 0
     second = load_file("merged/expert_merging/coefficients.safetensors")
     report = json.load(open("merged/expert_merging/report.json"))
@@ -195,7 +195,7 @@ def test_plain_methods_follow_the_same_rules(project):
         ],
         "dtype": "float32",
     }
-    (project / "ta.yml").write_text(yaml.safe_dump(document))
+    write_config(project / "ta.yml", document)
     assert "is the current directory" in refused(project, ".", config="ta.yml")
     assert "is model models/math" in refused(project, "models/math", config="ta.yml")
     assert invoke("ta.yml", "ta_out").exit_code == 0
@@ -203,41 +203,27 @@ def test_plain_methods_follow_the_same_rules(project):
     assert not os.path.exists("ta_out.partial")
 
 
-def partial_state(out) -> dict | None:
-    try:
-        from safetensors import safe_open
-
-        with safe_open(f"{out}.partial/checkpoint.safetensors", "pt") as handle:
-            return json.loads(handle.metadata()["state"])
-    except Exception:
-        return None
-
-
 def test_second_run_on_the_same_out_is_refused(project):
     document = yaml.safe_load(open("merge.yml"))
     # Settings where training moves the coefficients (checked below).
     document["calibration"].update(
-        {"epochs": 40, "patience": 100, "reg_weight": 0.0, "lr": 0.05}
+        {"epochs": 3, "patience": 100, "reg_weight": 0.0, "lr": 0.05}
     )
-    (project / "long.yml").write_text(yaml.safe_dump(document))
+    write_config(project / "long.yml", document)
     reference = invoke("long.yml", "reference")
     assert reference.exit_code == 0, reference.output
-    first = subprocess.Popen(
-        [sys.executable, "-m", "mergekit_expert", "long.yml", "merged", "--quiet"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    first = start_process(["long.yml", "merged"], stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 240
-        while partial_state(project / "merged") is None:
-            assert first.poll() is None, first.stderr.read().decode()
-            assert time.time() < deadline, "the first run never checkpointed"
-            time.sleep(0.02)
+        wait_for_checkpoint(first, project / "merged")  # it holds the lock now
+        # Stopped, the first run keeps holding the lock however fast it would
+        # otherwise finish: the second run certainly starts while it is held.
+        first.send_signal(signal.SIGSTOP)
         started = time.time()
         result = invoke("merge.yml", "merged")  # another config, same OUT
         assert time.time() - started < 30, "the second run must fail at once"
         assert result.exit_code != 0
         assert f"another mergekit-expert run (pid {first.pid})" in result.output
+        first.send_signal(signal.SIGCONT)
         assert first.wait(timeout=600) == 0, first.stderr.read().decode()
     finally:
         if first.poll() is None:
@@ -296,7 +282,7 @@ def test_bad_coefficients_artifact(project, tmp_path, values, method, message):
     if "1000" in message:  # a ++ artifact under a ++ config, wrong chunk count
         document = yaml.safe_load(open("merge.yml"))
         document["merge_method"] = "expert_merging_pp"
-        (project / "pp.yml").write_text(yaml.safe_dump(document))
+        write_config(project / "pp.yml", document)
         output = refused(project, "merged", "--coefficients", path, config="pp.yml")
     else:
         output = refused(project, "merged", "--coefficients", path)
@@ -326,32 +312,21 @@ def fake_hub_cache(root, repo: str, source: str, pickle_only: bool) -> str:
     return str(root)
 
 
-def run_subprocess(args, env_extra=None, timeout=120):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "mergekit_expert", *args, "--quiet"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-    )
-
-
 def test_pickle_rule_applies_to_hub_models(project, tmp_path):
     cache = fake_hub_cache(tmp_path / "hub", "acme/pickled", "models/math", True)
     document = yaml.safe_load(open("merge.yml"))
     document["models"][1]["model"] = "acme/pickled"
-    (project / "hub.yml").write_text(yaml.safe_dump(document))
+    write_config(project / "hub.yml", document)
     before = digest(project)
-    result = run_subprocess(["hub.yml", "merged"], {"HF_HUB_CACHE": cache})
+    result = run_process(["hub.yml", "merged"], {"HF_HUB_CACHE": cache})
     assert result.returncode != 0
     assert "Error:" in result.stderr and "Traceback" not in result.stderr
     assert "pytorch_model.bin" in result.stderr and "--allow-pickle" in result.stderr
     assert digest(project) == before
     # Not in the cache at all, with the hub offline: named, with the fix.
     document["models"][1]["model"] = "acme/missing"
-    (project / "hub.yml").write_text(yaml.safe_dump(document))
-    result = run_subprocess(["hub.yml", "merged"], {"HF_HUB_CACHE": cache})
+    write_config(project / "hub.yml", document)
+    result = run_process(["hub.yml", "merged"], {"HF_HUB_CACHE": cache})
     assert "acme/missing" in result.stderr and "HF_HUB_OFFLINE" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -391,7 +366,7 @@ def test_lone_surrogate_in_a_record(project):
         handle.write('{"text": "broken \\ud800 text"}\n')
     document = yaml.safe_load(open("merge.yml"))
     document["calibration"]["samples_per_expert"] = 4
-    (project / "four.yml").write_text(yaml.safe_dump(document))
+    write_config(project / "four.yml", document)
     output = refused(project, "merged", config="four.yml")
     assert "code.jsonl:4" in output and "unpaired surrogate" in output
 
@@ -412,13 +387,7 @@ def test_disk_full_during_the_write_keeps_the_state(project):
         resource.setrlimit(resource.RLIMIT_FSIZE, (120_000, 120_000))
 
     before = digest(project)
-    result = subprocess.run(
-        [sys.executable, "-m", "mergekit_expert", "merge.yml", "merged", "--quiet"],
-        capture_output=True,
-        text=True,
-        preexec_fn=limit,
-        timeout=300,
-    )
+    result = run_process(["merge.yml", "merged"], preexec_fn=limit, timeout=300)
     assert result.returncode != 0
     assert "Error:" in result.stderr and "Traceback" not in result.stderr
     assert "run the same command again" in result.stderr
@@ -450,7 +419,7 @@ def test_fifo_calibration_file_does_not_hang(project):
     os.remove(project / "data" / "code.jsonl")
     os.mkfifo(project / "data" / "code.jsonl")
     before = digest(project)
-    result = run_subprocess(["merge.yml", "merged"], timeout=60)
+    result = run_process(["merge.yml", "merged"], timeout=60)
     assert result.returncode != 0 and "not a regular file" in result.stderr
     assert "Traceback" not in result.stderr and digest(project) == before
 
@@ -467,7 +436,7 @@ def test_fifo_calibration_file_does_not_hang(project):
 def test_bad_calibration_values(project, key, value, message):
     document = yaml.safe_load(open("merge.yml"))
     document["calibration"][key] = value
-    (project / "bad.yml").write_text(yaml.safe_dump(document))
+    write_config(project / "bad.yml", document)
     assert message in refused(project, "merged", config="bad.yml")
 
 

@@ -7,18 +7,16 @@ import json
 import os
 import tempfile
 
-import yaml
-from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mergekit.options import MergeOptions
 
-from conftest import expert_config
-from mergekit_expert.cli import main
 from mergekit_expert.config import CalibrationConfig, ExpertParameters, parse_plan
 from mergekit_expert.errors import ExpertMergingError
 from mergekit_expert.pipeline import preflight
 from mergekit_expert.records import load_records
+from mergekit_expert.testing.cli import invoke, write_config
+from mergekit_expert.testing.tiny import expert_config
 
 SETTINGS = settings(
     max_examples=60,
@@ -112,11 +110,9 @@ def test_unknown_keys_fail_through_the_cli_without_output(tiny, key, location):
     assume(key not in known)
     document = mutate(expert_config(tiny), location, key, 1)
     with tempfile.TemporaryDirectory() as root:
-        config = os.path.join(root, "merge.yml")
-        with open(config, "w", encoding="utf-8") as handle:
-            yaml.safe_dump(document, handle)
+        config = write_config(os.path.join(root, "merge.yml"), document)
         out = os.path.join(root, "out")
-        result = CliRunner().invoke(main, [config, out, "--quiet"])
+        result = invoke(config, out)
         assert result.exit_code != 0 and key in result.output
         assert not os.path.exists(out) and not os.path.exists(out + ".partial")
 

@@ -3,98 +3,66 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
-import pytest
 import torch
-import yaml
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from conftest import expert_config
-from mergekit_expert.cli import main
-from mergekit_expert.state import load_state
+from mergekit_expert.testing.cli import (
+    invoke,
+    kill_at,
+    reached,
+    read_coefficients,
+    read_report,
+    write_config,
+)
+from mergekit_expert.testing.tiny import expert_config
 
 # Settings where every epoch lowers the objective, so a resume that restored
-# the wrong state could not hide behind coefficients that never moved.
-LONG = {"epochs": 10, "patience": 100, "budget": 3.0, "reg_weight": 0.0, "lr": 0.05}
-
-
-def write_config(tmp_path, document, name="merge.yml") -> str:
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(document))
-    return str(path)
+# the wrong state could not hide behind coefficients that never moved. Two
+# samples per expert (three experts, the LoRA one included) in steps of three:
+# two optimizer steps per epoch, each epoch in its own seeded order.
+EPOCHS, STEPS_PER_EPOCH = 3, 2
+LONG = {
+    "epochs": EPOCHS,
+    "samples_per_expert": 2,
+    "accumulation": 3,
+    "patience": 100,
+    "budget": 3.0,
+    "reg_weight": 0.0,
+    "lr": 0.05,
+}
 
 
 def run_cli(*args):
-    return CliRunner().invoke(main, [*args, "--quiet"], catch_exceptions=False)
-
-
-def artifact(out) -> dict[str, torch.Tensor]:
-    return load_file(os.path.join(out, "expert_merging", "coefficients.safetensors"))
-
-
-def checkpoint_state(out):
-    """The saved calibration state, or None while there is none (or it is torn)."""
-    try:
-        return load_state(str(out) + ".partial/checkpoint.safetensors")
-    except Exception:
-        return None
-
-
-def run_until_killed(config, out, phase, steps, timeout=240.0) -> None:
-    """Start the CLI in a subprocess and SIGKILL it once the checkpoint reaches a step."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mergekit_expert", config, str(out), "--quiet"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + timeout
-    try:
-        while time.time() < deadline:
-            state = checkpoint_state(out)
-            loop = state.loop if state else None
-            if loop and loop.phase == phase and loop.loop.history.steps >= steps:
-                process.send_signal(signal.SIGKILL)
-                process.wait()
-                return
-            if process.poll() is not None:
-                pytest.fail(
-                    f"the run ended (rc={process.returncode}) before reaching {phase} step {steps}"
-                )
-            time.sleep(0.01)
-        pytest.fail("timed out waiting for the checkpoint")
-    finally:
-        if process.poll() is None:
-            process.kill()
+    return invoke(*args, catch_exceptions=False)
 
 
 def test_sigkill_in_stage1_and_stage2_then_resume_is_identical(tiny, tmp_path):
     document = expert_config(tiny, method="expert_merging_pp", calibration=LONG)
-    config = write_config(tmp_path, document)
+    config = write_config(tmp_path / "merge.yml", document)
     reference = tmp_path / "reference"
-    assert run_cli(config, str(reference)).exit_code == 0
-    report = json.load(open(reference / "expert_merging" / "report.json"))
+    assert run_cli(config, reference).exit_code == 0
+    report = read_report(reference)
     for stage in ("stage1", "stage2"):
         objective = report[stage]["objective"]
-        assert report[stage]["kept_epoch"] == len(objective) - 1 == 10, stage
+        assert report[stage]["kept_epoch"] == len(objective) - 1 == EPOCHS, stage
         assert all(b < a for a, b in zip(objective, objective[1:])), objective
-    assert any((a - 0.3).abs().max() > 1e-3 for a in artifact(reference).values())
+        assert report[stage]["optimizer_steps"] == EPOCHS * STEPS_PER_EPOCH, stage
+    assert any(
+        (a - 0.3).abs().max() > 1e-3 for a in read_coefficients(reference).values()
+    )
 
     out = tmp_path / "out"
-    run_until_killed(config, out, "stage1", steps=3)
+    kill_at(config, out, reached("stage1", 3))  # inside stage 1's second epoch
     assert not out.exists(), "an interrupted run must not leave OUT"
-    run_until_killed(config, out, "stage2", steps=2)
+    kill_at(config, out, reached("stage2", 2))  # resumed stage 1, killed in stage 2
     assert not out.exists()
-    result = run_cli(config, str(out))
+    result = run_cli(config, out)
     assert result.exit_code == 0, result.output
     assert not os.path.exists(str(out) + ".partial"), "the working directory is removed"
-    expected, got = artifact(reference), artifact(out)
+    assert read_report(out)["resumed"], "stage 2 is resumed, not redone from the start"
+    expected, got = read_coefficients(reference), read_coefficients(out)
     assert expected.keys() == got.keys()
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
@@ -106,17 +74,17 @@ def test_sigkill_in_stage1_and_stage2_then_resume_is_identical(tiny, tmp_path):
 
 def test_changed_config_invalidates_the_checkpoint(tiny, tmp_path):
     document = expert_config(tiny, calibration=LONG)
-    config = write_config(tmp_path, document)
+    config = write_config(tmp_path / "merge.yml", document)
     out = tmp_path / "out"
-    run_until_killed(config, out, "stage1", steps=2)
+    kill_at(config, out, reached("stage1", 2))
     document["calibration"]["reg_weight"] = 0.5
-    changed = write_config(tmp_path, document, "changed.yml")
-    result = CliRunner().invoke(main, [changed, str(out)], catch_exceptions=False)
+    changed = write_config(tmp_path / "changed.yml", document)
+    result = invoke(changed, out, quiet=False, catch_exceptions=False)
     assert result.exit_code == 0
-    report = json.load(open(out / "expert_merging" / "report.json"))
+    report = read_report(out)
     assert report["calibration"]["reg_weight"] == 0.5 and not report["resumed"]
     # A fresh start trains every step of every epoch again.
-    assert report["stage1"]["optimizer_steps"] == 10 * 2
+    assert report["stage1"]["optimizer_steps"] == EPOCHS * STEPS_PER_EPOCH
 
 
 def tree_digest(path) -> dict[str, str]:
@@ -133,7 +101,9 @@ def tree_digest(path) -> dict[str, str]:
 def test_failure_during_write_keeps_existing_out(tiny, tmp_path, monkeypatch):
     from mergekit.io.tensor_writer import TensorWriter
 
-    config = write_config(tmp_path, expert_config(tiny, calibration={"epochs": 1}))
+    config = write_config(
+        tmp_path / "merge.yml", expert_config(tiny, calibration={"epochs": 1})
+    )
     out = tmp_path / "out"
     out.mkdir()
     (out / "model.safetensors").write_bytes(b"previous model")
@@ -150,7 +120,7 @@ def test_failure_during_write_keeps_existing_out(tiny, tmp_path, monkeypatch):
         return real_save(self, name, tensor, clone)
 
     monkeypatch.setattr(TensorWriter, "save_tensor", failing_save)
-    result = CliRunner().invoke(main, [config, str(out), "--quiet", "--overwrite"])
+    result = invoke(config, out, "--overwrite")
     assert result.exit_code != 0 and calls["n"] == 5
     assert tree_digest(out) == before, "a failed write must leave OUT byte-identical"
     staging = os.path.join(str(out) + ".partial", "out")
@@ -161,7 +131,7 @@ def test_failure_during_write_keeps_existing_out(tiny, tmp_path, monkeypatch):
     assert tree_digest(out) == before
     assert run_cli(config, str(out), "--overwrite").exit_code == 0
     assert not (out / "notes.txt").exists(), "OUT is replaced as a whole"
-    report = json.load(open(out / "expert_merging" / "report.json"))
+    report = read_report(out)
     assert report["resumed"], "the finished calibration is resumed, not redone"
     assert report["stage1"]["optimizer_steps"] == 2
 
@@ -177,9 +147,7 @@ def test_nan_in_an_expert_is_named(tiny, tmp_path):
     document = expert_config(tiny, lora=False)
     document["models"][1]["model"] = str(broken)
     out = tmp_path / "out"
-    result = CliRunner().invoke(
-        main, [write_config(tmp_path, document), str(out), "--quiet"]
-    )
+    result = invoke(write_config(tmp_path / "merge.yml", document), out)
     assert result.exit_code != 0
     assert str(broken) in result.output and "NaN" in result.output
     assert not out.exists()
@@ -189,15 +157,15 @@ def test_same_seed_gives_bit_identical_coefficients(tiny, tmp_path):
     document = expert_config(
         tiny, method="expert_merging_pp", calibration={"epochs": 2, "budget": 2.0}
     )
-    config = write_config(tmp_path, document)
+    config = write_config(tmp_path / "merge.yml", document)
     first, second = tmp_path / "a", tmp_path / "b"
     assert run_cli(config, str(first)).exit_code == 0
     assert run_cli(config, str(second)).exit_code == 0
-    a, b = artifact(first), artifact(second)
+    a, b = read_coefficients(first), read_coefficients(second)
     assert a.keys() == b.keys()
     for name in a:  # bit for bit, not merely close
         assert a[name].numpy().tobytes() == b[name].numpy().tobytes(), name
-    report = json.load(open(first / "expert_merging" / "report.json"))
+    report = read_report(first)
     assert set(report["versions"]) == {
         "mergekit_expert",
         "mergekit",
@@ -216,8 +184,8 @@ def test_pickle_checkpoints_need_an_explicit_flag(tiny, tmp_path):
     torch.save(tensors, pickled / "pytorch_model.bin")  # a legacy pickle checkpoint
     document = expert_config(tiny, lora=False)
     document["models"][0]["model"] = str(pickled)
-    config = write_config(tmp_path, document)
-    result = CliRunner().invoke(main, [config, str(tmp_path / "out"), "--quiet"])
+    config = write_config(tmp_path / "merge.yml", document)
+    result = invoke(config, tmp_path / "out")
     assert result.exit_code != 0
     assert "pytorch_model.bin" in result.output and "--allow-pickle" in result.output
     assert not (tmp_path / "out").exists()

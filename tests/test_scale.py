@@ -2,34 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
-import yaml
-from click.testing import CliRunner
-from safetensors.torch import load_file
 
-from conftest import expert_config
-from mergekit_expert.cli import main
+from mergekit_expert.testing.cli import (
+    read_coefficients,
+    read_report,
+    run_document,
+    write_config,
+)
+from mergekit_expert.testing.tiny import expert_config
 
 
 def calibrate(tiny, tmp_path, name, method="expert_merging_pp", **calibration):
     document = expert_config(
         tiny, method=method, calibration={"epochs": 2, "budget": 2.0, **calibration}
     )
-    config = tmp_path / f"{name}.yml"
-    config.write_text(yaml.safe_dump(document))
-    out = tmp_path / name
-    result = CliRunner().invoke(
-        main, [str(config), str(out), "--quiet"], catch_exceptions=False
-    )
-    assert result.exit_code == 0, result.output
-    coefficients = load_file(
-        os.path.join(out, "expert_merging", "coefficients.safetensors")
-    )
-    report = json.load(open(out / "expert_merging" / "report.json"))
-    return coefficients, report
+    run = run_document(tmp_path, document, name=name)
+    return run.coefficients, run.report
 
 
 def assert_same(a, b, **tolerance):
@@ -108,8 +99,7 @@ def test_torchrun_two_processes_equal_one_process(tiny, tmp_path):
     document = expert_config(
         tiny, method="expert_merging_pp", calibration={"epochs": 2, "budget": 2.0}
     )
-    config = tmp_path / "ddp.yml"
-    config.write_text(yaml.safe_dump(document))
+    config = write_config(tmp_path / "ddp.yml", document)
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(
@@ -130,11 +120,9 @@ def test_torchrun_two_processes_equal_one_process(tiny, tmp_path):
         capture_output=True,
         timeout=600,
     )
-    parallel = load_file(
-        os.path.join(out, "expert_merging", "coefficients.safetensors")
-    )
+    parallel = read_coefficients(out)
     assert_same(single, parallel, rtol=1e-5, atol=1e-6)
-    report = json.load(open(out / "expert_merging" / "report.json"))
+    report = read_report(out)
     assert report["world_size"] == 2
     # Rank 1 scored its own samples; their pseudo-labels reach rank 0's report.
     assert sorted(p["expert"] for p in report["pseudo_labels"]) == [1, 1, 2]

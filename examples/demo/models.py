@@ -11,43 +11,27 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from bpe import train_tokenizer
-from domains import DOMAINS, DataConfig, Domain
-from evaluation import eval_blocks, mean_cross_entropy
+from mergekit_expert.testing.corpus import DOMAINS, DataConfig, Domain
+from mergekit_expert.testing.tokenizer import bos_tokenizer
+from mergekit_expert.testing.training import (
+    TrainConfig,
+    eval_blocks,
+    mean_cross_entropy,
+    new_model,
+    token_stream,
+    train,
+)
 
 # Bump when the training code changes in a way the settings below don't capture.
 CODE_VERSION = 1
 MODEL_NAMES: tuple[str, ...] = ("base", *DOMAINS)
 MIN_GAIN = 0.02  # an expert must cut its domain's validation CE by at least 2%
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Model shape and optimisation settings; part of the training fingerprint."""
-
-    seed: int = 0
-    vocab_size: int = 3000
-    hidden: int = 128
-    intermediate: int = 384
-    layers: int = 4
-    heads: int = 4
-    seq_len: int = 128
-    batch: int = 16
-    base_steps: int = 800
-    base_lr: float = 3e-3
-    expert_steps: int = 120
-    expert_lr: float = 1e-3
-    warmup: int = 30
-    weight_decay: float = 0.1
-    val_blocks: int = 24  # held-out blocks per domain for the expert check
 
 
 def fingerprint(
@@ -75,89 +59,6 @@ def fingerprint(
     return digest.hexdigest()[:16]
 
 
-def token_stream(docs: list[str], tokenizer: PreTrainedTokenizerFast) -> torch.Tensor:
-    """Concatenate documents as ``<s> doc </s>`` into one 1-D token tensor."""
-    ids: list[int] = []
-    for doc_ids in tokenizer(docs)["input_ids"]:
-        ids += doc_ids + [tokenizer.eos_token_id]
-    return torch.tensor(ids, dtype=torch.long)
-
-
-def sample_batch(
-    streams: list[torch.Tensor], cfg: TrainConfig, gen: torch.Generator
-) -> torch.Tensor:
-    """Random windows; each row picks a stream uniformly so domains are balanced."""
-    rows = []
-    for _ in range(cfg.batch):
-        stream = streams[int(torch.randint(len(streams), (1,), generator=gen))]
-        start = int(torch.randint(len(stream) - cfg.seq_len, (1,), generator=gen))
-        rows.append(stream[start : start + cfg.seq_len])
-    return torch.stack(rows)
-
-
-def new_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
-    """A freshly initialised tiny Llama with tied embeddings (fewer parameters)."""
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.hidden,
-        intermediate_size=cfg.intermediate,
-        num_hidden_layers=cfg.layers,
-        num_attention_heads=cfg.heads,
-        num_key_value_heads=cfg.heads,
-        max_position_embeddings=2 * cfg.seq_len,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(cfg.seed)
-    return LlamaForCausalLM(config)
-
-
-def train(
-    model: LlamaForCausalLM,
-    streams: list[torch.Tensor],
-    steps: int,
-    lr: float,
-    cfg: TrainConfig,
-    seed: int,
-    label: str,
-) -> None:
-    """AdamW with linear warmup and cosine decay; logs a few loss values."""
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
-    )
-
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        return 0.1 + 0.45 * (
-            1 + math.cos(math.pi * (step - cfg.warmup) / (steps - cfg.warmup))
-        )
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    model.train()
-    start, running = time.perf_counter(), 0.0
-    for step in range(steps):
-        batch = sample_batch(streams, cfg, gen)
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        running += loss.item()
-        if (step + 1) % max(1, steps // 5) == 0:
-            print(
-                f"  [{label}] step {step + 1}/{steps} loss {running / (steps // 5):.3f} "
-                f"({time.perf_counter() - start:.0f}s)",
-                flush=True,
-            )
-            running = 0.0
-    model.eval()
-
-
 def _cached(model_dir: Path, fp: str) -> bool:
     """True if all models exist and were trained with the same settings."""
     meta = model_dir / "fingerprint.json"
@@ -176,8 +77,12 @@ def train_all(
         return PreTrainedTokenizerFast.from_pretrained(model_dir / "base")
 
     torch.manual_seed(cfg.seed)
-    tokenizer = train_tokenizer(
-        (doc for d in domains.values() for doc in d.train), cfg.vocab_size
+    # One digit per token: with multi-digit tokens a small model has to
+    # memorise sums token by token instead of learning carries.
+    tokenizer = bos_tokenizer(
+        (doc for d in domains.values() for doc in d.train),
+        cfg.vocab_size,
+        split_digits=True,
     )
     train_streams = {n: token_stream(d.train, tokenizer) for n, d in domains.items()}
     val_blocks = {

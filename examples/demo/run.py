@@ -23,11 +23,17 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
+from mergekit_expert.testing.corpus import DOMAINS, DataConfig, Domain, load_domains
+from mergekit_expert.testing.training import (
+    TrainConfig,
+    eval_blocks,
+    mean_cross_entropy,
+    token_stream,
+)
+
 from calibration import write_calibration
-from domains import DOMAINS, DataConfig, Domain, load_domains
-from evaluation import eval_blocks, mean_cross_entropy
 from merging import MERGES, run_merge, write_config
-from models import MODEL_NAMES, TrainConfig, token_stream, train_all
+from models import MODEL_NAMES, train_all
 
 TEST_BLOCKS = 48  # per domain, of TrainConfig.seq_len tokens each
 

@@ -1,15 +1,16 @@
-"""Three small text domains that ship with every Python install.
+"""Text that ships with every Python install, and its split into domains.
 
-The demo must run offline, so instead of downloading data sets we use text
-that is already on disk: standard-library source (``code``), the reference
-prose behind ``help()`` (``prose``) and generated sums (``arithmetic``).
-Each domain is split into disjoint train / validation / test document lists;
-splits are made per file, per topic and per distinct problem, so no test
-document (or a piece of one) is ever seen in training.
+Fixtures must run offline, so instead of downloading data sets they read
+what is already on disk: standard-library source (``code``), its docstrings,
+the reference prose behind ``help()`` (``prose``) and generated sums
+(``arithmetic``). Each domain is split into disjoint train / validation /
+test document lists; splits are made per file, per topic and per distinct
+problem, so no test document (or a piece of one) is ever seen in training.
 """
 
 from __future__ import annotations
 
+import ast
 import random
 import sysconfig
 from dataclasses import dataclass
@@ -19,17 +20,19 @@ DOMAINS: tuple[str, ...] = ("code", "prose", "arithmetic")
 
 # Stdlib folders that hold tests, vendored tools or near-duplicates; they would
 # make the code domain less "library-like" and leak near-copies across splits.
-_SKIP_DIRS = {
-    "site-packages",
-    "test",
-    "tests",
-    "idlelib",
-    "lib2to3",
-    "__pycache__",
-    "turtledemo",
-    "ensurepip",
-    "pydoc_data",
-}
+SKIP_DIRS = frozenset(
+    {
+        "site-packages",
+        "test",
+        "tests",
+        "idlelib",
+        "lib2to3",
+        "__pycache__",
+        "turtledemo",
+        "ensurepip",
+        "pydoc_data",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ class Domain:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Everything that determines the data; part of the training fingerprint."""
+    """Everything that determines the data; part of a training fingerprint."""
 
     seed: int = 0
     code_files: int = 160  # seeded subset of stdlib modules
@@ -57,7 +60,22 @@ class DataConfig:
     test_frac: float = 0.1
 
 
-def _split(docs: list[str], cfg: DataConfig) -> tuple[list, list, list]:
+def stdlib_root() -> Path:
+    """The standard library of the running interpreter."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_sources(skip: frozenset[str] = SKIP_DIRS) -> list[Path]:
+    """Every ``.py`` file of the standard library, sorted, outside ``skip`` folders."""
+    root = stdlib_root()
+    return sorted(
+        p
+        for p in root.rglob("*.py")
+        if not skip.intersection(p.relative_to(root).parts)
+    )
+
+
+def split_documents(docs: list[str], cfg: DataConfig) -> tuple[list, list, list]:
     """Split shuffled documents into train / val / test by share of characters.
 
     Splitting by count would let one long document (a few pydoc topics are
@@ -76,12 +94,7 @@ def _split(docs: list[str], cfg: DataConfig) -> tuple[list, list, list]:
 
 def load_code(cfg: DataConfig) -> Domain:
     """Python source of a seeded subset of stdlib modules, split by file."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(
-        p
-        for p in root.rglob("*.py")
-        if not _SKIP_DIRS.intersection(p.relative_to(root).parts)
-    )
+    files = stdlib_sources()
     rng = random.Random(cfg.seed)
     rng.shuffle(files)
     texts = []
@@ -91,7 +104,7 @@ def load_code(cfg: DataConfig) -> Domain:
             texts.append(text[: cfg.code_max_chars])
         if len(texts) == cfg.code_files:
             break
-    return Domain("code", *_split(texts, cfg))
+    return Domain("code", *split_documents(texts, cfg))
 
 
 def load_prose(cfg: DataConfig) -> Domain:
@@ -100,7 +113,7 @@ def load_prose(cfg: DataConfig) -> Domain:
 
     keys = sorted(topics)
     random.Random(cfg.seed + 1).shuffle(keys)
-    return Domain("prose", *_split([topics[k].strip() for k in keys], cfg))
+    return Domain("prose", *split_documents([topics[k].strip() for k in keys], cfg))
 
 
 def arithmetic_problem(a: int, b: int) -> str:
@@ -142,3 +155,39 @@ def load_domains(cfg: DataConfig) -> dict[str, Domain]:
         "prose": load_prose(cfg),
         "arithmetic": load_arithmetic(cfg),
     }
+
+
+def stdlib_docstrings(limit_chars: int) -> list[str]:
+    """Docstrings (over 40 characters) of the standard library's modules, classes
+    and functions, file by file in sorted order, until ``limit_chars`` is reached."""
+    texts: list[str] = []
+    total = 0
+    for path in stdlib_sources(frozenset({"site-packages", "test"})):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(
+                node,
+                ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef,
+            ):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 40:
+                    texts.append(doc)
+                    total += len(doc)
+        if total >= limit_chars:
+            break
+    return texts
+
+
+def top_level_sources(names: int = 80, max_chars: int = 6000) -> list[str]:
+    """The first ``max_chars`` of each ``.py`` file among the first ``names``
+    entries (sorted) of the standard library's top folder."""
+    root = stdlib_root()
+    texts = []
+    for name in sorted(p.name for p in root.iterdir())[:names]:
+        if name.endswith(".py"):
+            with open(root / name, encoding="utf-8", errors="replace") as handle:
+                texts.append(handle.read()[:max_chars])
+    return texts
