@@ -27,14 +27,9 @@ from .distributed import setup as setup_distributed
 from .errors import ExpertMergingError
 from .memory import StageClock
 from .output import InputPath, WorkDir, check_output_location, check_replaceable
-from .preflight import (
-    check_device,
-    model_inputs,
-    option_inputs,
-    preflight,
-    resolve_models,
-)
+from .preflight import check_device, preflight
 from .report import build_report, write_outputs
+from .sources import model_inputs, option_inputs, resolve_models
 from .state import CHECKPOINT, fingerprint
 
 LOG = logging.getLogger(__name__)
