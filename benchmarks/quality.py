@@ -366,7 +366,7 @@ def run_config(document: dict, out: Path, seed: int | None = None) -> None:
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    from mergekit_expert.methods import METHOD_NAMES
+    from mergekit_expert.coefficients import METHOD_NAMES
     from mergekit_expert.pipeline import run_expert_merge
 
     shutil.rmtree(out, ignore_errors=True)
