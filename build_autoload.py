@@ -71,10 +71,13 @@ def _record_hash(data: bytes) -> str:
 def add_to_wheel(wheel: Path, name: str, data: bytes) -> None:
     """Rewrite ``wheel`` with ``name`` at its root and a RECORD line for it."""
     temporary = wheel.with_suffix(".tmp")
-    with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(
-        temporary, "w", compression=zipfile.ZIP_DEFLATED
-    ) as target:
-        records = [i for i in source.infolist() if i.filename.endswith(".dist-info/RECORD")]
+    with (
+        zipfile.ZipFile(wheel) as source,
+        zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_DEFLATED) as target,
+    ):
+        records = [
+            i for i in source.infolist() if i.filename.endswith(".dist-info/RECORD")
+        ]
         if len(records) != 1:
             raise RuntimeError(f"{wheel.name} has {len(records)} RECORD files")
         for info in source.infolist():

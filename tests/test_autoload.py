@@ -6,15 +6,14 @@ Each check runs a fresh interpreter: the autoload hook acts at start-up.
 from __future__ import annotations
 
 import json
-import os
 import textwrap
 
 import pytest
 import torch
 import yaml
+from reference_merge import BIN, host_env, model_tensors, reference_merge, run
 
 from mergekit_expert.coefficients import CoefficientArtifact
-from reference_merge import BIN, host_env, model_tensors, reference_merge, run
 
 
 def write_yaml(path, document) -> str:
@@ -74,7 +73,9 @@ def test_switched_off_fails_as_mergekit_does(tiny, tmp_path):
         {
             "merge_method": "expert_merging",
             "base_model": tiny.base,
-            "models": [{"model": path, "parameters": {"weight": 0.5}} for path in tiny.experts],
+            "models": [
+                {"model": path, "parameters": {"weight": 0.5}} for path in tiny.experts
+            ],
             "dtype": "float32",
         },
     )
@@ -239,4 +240,6 @@ def test_run_merge_in_fresh_interpreter(tiny, tmp_path):
     expected = reference_merge(base, experts, {name: alpha for name in base})
     assert merged.keys() == expected.keys()
     for name, tensor in merged.items():
-        torch.testing.assert_close(tensor.double(), expected[name], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            tensor.double(), expected[name], rtol=1e-6, atol=1e-6
+        )

@@ -16,7 +16,6 @@ import sys
 import zipfile
 
 import pytest
-
 from reference_merge import PTH, REPO
 
 setuptools = pytest.importorskip("setuptools", minversion="68")
@@ -51,7 +50,9 @@ def wheels(tmp_path_factory):
     )
     for name in ("README.md", "build_autoload.py", PTH, "mergekit_expert_autoload.py"):
         shutil.copy(REPO / name, project / name)
-    (project / "pyproject.toml").write_text(wired((REPO / "pyproject.toml").read_text()))
+    (project / "pyproject.toml").write_text(
+        wired((REPO / "pyproject.toml").read_text())
+    )
     script = (
         "import sys; from setuptools import build_meta as backend; "
         "wheel, editable, names = sys.argv[1:4]; "  # the backend rewrites sys.argv
