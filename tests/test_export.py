@@ -178,3 +178,18 @@ def test_cli_writes_the_same_config(stage1, tmp_path):
     assert yaml.safe_load(out.read_text()) == export_config(artifact, dtype="float32")
     result = CliRunner().invoke(main, [artifact, "--expert", "only-one"])
     assert result.exit_code != 0 and "expert reference" in result.output
+
+
+def test_entry_point_dispatches_export(stage1, tmp_path, capsys):
+    from mergekit_expert.entry import main as entry
+
+    _root, artifact = stage1
+    out = tmp_path / "entry.yml"
+    with pytest.raises(SystemExit) as exit_info:
+        entry(["export", artifact, "-o", str(out)])
+    assert exit_info.value.code == 0
+    assert yaml.safe_load(out.read_text())["merge_method"] == "task_arithmetic"
+    with pytest.raises(SystemExit) as exit_info:
+        entry(["--help"])  # anything else is the merge command, as before
+    assert exit_info.value.code == 0
+    assert "CONFIG_FILE" in capsys.readouterr().out
