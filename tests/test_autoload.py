@@ -243,3 +243,55 @@ def test_run_merge_in_fresh_interpreter(tiny, tmp_path):
         torch.testing.assert_close(
             tensor.double(), expected[name], rtol=1e-6, atol=1e-6
         )
+
+
+def test_mergekit_multi(tiny, tmp_path):
+    """``mergekit-multi``: a named expert merge feeding a final linear merge."""
+    base = model_tensors(tiny.base)
+    experts = [model_tensors(path) for path in tiny.experts]
+    name = "model.layers.1.mlp.down_proj.weight"
+    coefficients = {name: torch.tensor([[0.7], [-0.2]])}
+    artifact = tmp_path / "coefficients.safetensors"
+    CoefficientArtifact(
+        coefficients=coefficients,
+        method="expert_merging",
+        base=tiny.base,
+        experts=tiny.experts,
+        init=[0.3, 0.3],
+    ).save(str(artifact))
+    documents = [
+        {
+            "name": "experts",
+            "merge_method": "expert_merging",
+            "base_model": tiny.base,
+            "models": [{"model": path} for path in tiny.experts],
+            "parameters": {"coefficients": str(artifact)},
+            "dtype": "float32",
+        },
+        {
+            "merge_method": "linear",
+            "models": [{"model": "experts", "parameters": {"weight": 1.0}}],
+            "dtype": "float32",
+        },
+    ]
+    config = tmp_path / "multi.yml"
+    config.write_text(yaml.safe_dump_all(documents))
+    out = tmp_path / "final"
+    result = run(
+        [
+            str(BIN / "mergekit-multi"),
+            str(config),
+            "--out-path",
+            str(out),
+            "-I",
+            str(tmp_path / "intermediate"),
+            "--quiet",
+        ],
+        host_env(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = reference_merge(base, experts, coefficients)
+    for tensor_name, tensor in model_tensors(str(out)).items():
+        torch.testing.assert_close(
+            tensor.double(), expected[tensor_name], rtol=1e-6, atol=1e-6
+        )

@@ -20,6 +20,7 @@ from reference_merge import PTH, REPO
 
 setuptools = pytest.importorskip("setuptools", minversion="68")
 
+KINDS = ("wheel", "editable", "strict")  # strict: editable_mode=strict (link tree)
 WIRING = """
 [tool.setuptools]
 py-modules = ["mergekit_expert_autoload"]
@@ -55,19 +56,19 @@ def wheels(tmp_path_factory):
     )
     script = (
         "import sys; from setuptools import build_meta as backend; "
-        "wheel, editable, names = sys.argv[1:4]; "  # the backend rewrites sys.argv
-        "built = [backend.build_wheel(wheel), backend.build_editable(editable)]; "
+        "wheel, editable, strict, names = sys.argv[1:5]; "  # the backend rewrites sys.argv
+        "built = [backend.build_wheel(wheel), backend.build_editable(editable), "
+        "backend.build_editable(strict, {'editable_mode': 'strict'})]; "
         "open(names, 'w').write(' '.join(built))"
     )
-    (root / "wheel").mkdir()
-    (root / "editable").mkdir()
+    for kind in KINDS:
+        (root / kind).mkdir()
     result = subprocess.run(
         [
             sys.executable,
             "-c",
             script,
-            str(root / "wheel"),
-            str(root / "editable"),
+            *(str(root / kind) for kind in KINDS),
             str(root / "names"),
         ],
         cwd=project,
@@ -76,8 +77,8 @@ def wheels(tmp_path_factory):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    wheel, editable = (root / "names").read_text().split()
-    return root / "wheel" / wheel, root / "editable" / editable
+    built = (root / "names").read_text().split()
+    return {kind: root / kind / name for kind, name in zip(KINDS, built)}
 
 
 def record(archive: zipfile.ZipFile) -> dict[str, tuple[str, str]]:
@@ -86,10 +87,9 @@ def record(archive: zipfile.ZipFile) -> dict[str, tuple[str, str]]:
     return {row.split(",")[0]: tuple(row.split(",")[1:]) for row in rows if row}
 
 
-@pytest.mark.parametrize("kind", ["wheel", "editable"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_pth_at_wheel_root_and_in_record(wheels, kind):
-    path = wheels[0] if kind == "wheel" else wheels[1]
-    with zipfile.ZipFile(path) as archive:
+    with zipfile.ZipFile(wheels[kind]) as archive:
         data = archive.read(PTH)  # KeyError if absent from the root
         assert data == (REPO / PTH).read_bytes()
         digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=")
