@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LINTED := mergekit_expert tests examples benchmarks build_autoload.py mergekit_expert_autoload.py
 
 .PHONY: install demo test lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml build_autoload.py mergekit_expert_autoload.pth
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# The CPU build of torch first; an unpinned torch would pull a CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
@@ -31,8 +32,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/topk_cost.py demo_out
 
 lint: $(STAMP)
-	$(BIN)/ruff check mergekit_expert tests examples benchmarks
-	$(BIN)/ruff format --check mergekit_expert tests examples benchmarks
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/mypy mergekit_expert
 
 clean:

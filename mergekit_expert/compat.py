@@ -1,7 +1,10 @@
 """Work-arounds for bugs of mergekit 0.1.5 that users of this plugin hit.
 
-Each fix is applied by :func:`apply` (called by ``register()``), only where the
-bug is present, and is worth reporting upstream.
+Each fix applies only where the bug is present, and is worth reporting
+upstream. :func:`apply` runs from ``register()``, so it may run while mergekit
+itself is half imported (the autoload hook fires inside ``mergekit.card``'s
+import): it touches only modules complete by then. The model-card fix is
+applied by the pipeline, just before it calls ``run_merge``.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import os
 
 def apply() -> None:
     fix_mergekit_architectures()
-    fix_model_card_offline()
 
 
 def fix_model_card_offline() -> None:

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from .calibrate import calibrate
 from .coefficients import ARTIFACT_NAME
+from .compat import fix_model_card_offline
 from .config import parse_plan
 from .distributed import barrier, is_main
 from .distributed import setup as setup_distributed
@@ -93,6 +94,7 @@ def run_expert_merge(
         merge_config = copy.deepcopy(plan.merge_config)
         merge_config.parameters = {"coefficients": os.path.abspath(artifact_file)}
         clock = StageClock()
+        fix_model_card_offline()
         with clock.stage("write"):
             run_merge(
                 merge_config,
@@ -152,6 +154,7 @@ def run_plain_merge(
     work = WorkDir(out_path, f"mergekit:{merge_config.merge_method}")
     work.open()
     try:
+        fix_model_card_offline()
         run_merge(
             merge_config, work.staging, options=options, config_source=config_source
         )

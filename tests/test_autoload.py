@@ -11,21 +11,17 @@ import textwrap
 import pytest
 import torch
 import yaml
-from reference_merge import BIN, host_env, model_tensors, reference_merge, run
 
 from mergekit_expert.coefficients import CoefficientArtifact
-
-
-def write_yaml(path, document) -> str:
-    with open(path, "w", encoding="utf-8") as handle:
-        yaml.safe_dump(document, handle)
-    return str(path)
+from mergekit_expert.testing.cli import BIN, host_env, write_config
+from mergekit_expert.testing.cli import run_host as run
+from mergekit_expert.testing.oracles import expected_model
+from mergekit_expert.testing.oracles import load_tensors as model_tensors
 
 
 def test_mergekit_yaml_merges_from_artifact(tiny, tmp_path):
     """The real ``mergekit-yaml`` script, nothing imported by the user."""
     base = model_tensors(tiny.base)
-    experts = [model_tensors(path) for path in tiny.experts]
     generator = torch.Generator().manual_seed(0)
     coefficients = {}
     for index, name in enumerate(sorted(base)):
@@ -41,7 +37,7 @@ def test_mergekit_yaml_merges_from_artifact(tiny, tmp_path):
         experts=tiny.experts,
         init=[0.3, 0.3],
     ).save(str(artifact))
-    config = write_yaml(
+    config = write_config(
         tmp_path / "merge.yml",
         {
             "merge_method": "expert_merging_pp",
@@ -57,7 +53,7 @@ def test_mergekit_yaml_merges_from_artifact(tiny, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     merged = model_tensors(str(out))
-    expected = reference_merge(base, experts, coefficients)
+    expected = expected_model(tiny.base, tiny.experts, coefficients)
     assert merged.keys() == expected.keys()
     for name, tensor in merged.items():
         torch.testing.assert_close(
@@ -68,7 +64,7 @@ def test_mergekit_yaml_merges_from_artifact(tiny, tmp_path):
 
 
 def test_switched_off_fails_as_mergekit_does(tiny, tmp_path):
-    config = write_yaml(
+    config = write_config(
         tmp_path / "merge.yml",
         {
             "merge_method": "expert_merging",
@@ -234,10 +230,9 @@ def test_run_merge_in_fresh_interpreter(tiny, tmp_path):
     result = run([str(BIN / "python"), "-c", script], host_env(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     base = model_tensors(tiny.base)
-    experts = [model_tensors(path) for path in tiny.experts]
     merged = model_tensors(str(tmp_path / "out"))
     alpha = torch.tensor([[0.25], [-0.5]])
-    expected = reference_merge(base, experts, {name: alpha for name in base})
+    expected = expected_model(tiny.base, tiny.experts, dict.fromkeys(base, alpha))
     assert merged.keys() == expected.keys()
     for name, tensor in merged.items():
         torch.testing.assert_close(
@@ -247,8 +242,6 @@ def test_run_merge_in_fresh_interpreter(tiny, tmp_path):
 
 def test_mergekit_multi(tiny, tmp_path):
     """``mergekit-multi``: a named expert merge feeding a final linear merge."""
-    base = model_tensors(tiny.base)
-    experts = [model_tensors(path) for path in tiny.experts]
     name = "model.layers.1.mlp.down_proj.weight"
     coefficients = {name: torch.tensor([[0.7], [-0.2]])}
     artifact = tmp_path / "coefficients.safetensors"
@@ -290,7 +283,7 @@ def test_mergekit_multi(tiny, tmp_path):
         host_env(tmp_path),
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    expected = reference_merge(base, experts, coefficients)
+    expected = expected_model(tiny.base, tiny.experts, coefficients)
     for tensor_name, tensor in model_tensors(str(out)).items():
         torch.testing.assert_close(
             tensor.double(), expected[tensor_name], rtol=1e-6, atol=1e-6

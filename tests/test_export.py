@@ -12,11 +12,14 @@ from click.testing import CliRunner
 from mergekit.config import ConditionalParameter, MergeConfiguration, evaluate_setting
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
-from reference_merge import BIN, model_tensors, reference_merge, run
 
 from mergekit_expert.coefficients import CoefficientArtifact
 from mergekit_expert.errors import ExpertMergingError
 from mergekit_expert.export import export_config, main, weight_filters, write_config
+from mergekit_expert.testing.cli import BIN
+from mergekit_expert.testing.cli import run_host as run
+from mergekit_expert.testing.oracles import expected_model
+from mergekit_expert.testing.oracles import load_tensors as model_tensors
 
 
 def resolve(name, filters):
@@ -47,9 +50,10 @@ def test_filters_survive_substring_names():
 
 
 def save_artifact(path, tiny, coefficients, experts=None) -> str:
+    chunked = any(matrix.shape[1] > 1 for matrix in coefficients.values())
     CoefficientArtifact(
         coefficients=coefficients,
-        method="expert_merging",
+        method="expert_merging_pp" if chunked else "expert_merging",
         base=tiny.base,
         experts=experts or tiny.experts,
         init=[0.3] * len(experts or tiny.experts),
@@ -106,8 +110,7 @@ def test_exported_config_reproduces_the_merge(tiny, stage1):
 
     loaded = CoefficientArtifact.load(artifact)
     base = model_tensors(tiny.base)
-    experts = [model_tensors(path) for path in tiny.experts]
-    expected = reference_merge(base, experts, dict(loaded.coefficients))
+    expected = expected_model(tiny.base, tiny.experts, dict(loaded.coefficients))
     merged = model_tensors(str(out))
     assert merged.keys() == expected.keys()
     for name, tensor in merged.items():
@@ -123,7 +126,7 @@ def test_exported_config_reproduces_the_merge(tiny, stage1):
     run_merge(
         MergeConfiguration.model_validate(
             {
-                "merge_method": "expert_merging",
+                "merge_method": loaded.method,
                 "base_model": tiny.base,
                 "models": [{"model": path} for path in tiny.experts],
                 "parameters": {"coefficients": artifact},

@@ -16,7 +16,8 @@ import sys
 import zipfile
 
 import pytest
-from reference_merge import PTH, REPO
+
+from mergekit_expert.testing.cli import PTH, REPO
 
 setuptools = pytest.importorskip("setuptools", minversion="68")
 

@@ -8,9 +8,11 @@ import os
 import pytest
 import torch
 
-from conftest import CORPUS, build_tokenizer
 from mergekit_expert.errors import ExpertMergingError
 from mergekit_expert.objective import logit_loss
+from mergekit_expert.testing.tiny import TINY_CORPUS as CORPUS
+from mergekit_expert.testing.tiny import VOCAB_SIZE
+from mergekit_expert.testing.tokenizer import tiny_tokenizer
 from mergekit_expert.vocabulary import (
     check_expert_vocabulary,
     compare_vocabularies,
@@ -22,8 +24,8 @@ CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
 
 
 @pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory):
-    base = build_tokenizer(str(tmp_path_factory.mktemp("vocab_base")))
+def tokenizers():
+    base = tiny_tokenizer(CORPUS, VOCAB_SIZE)
     expert = copy.deepcopy(base)
     expert.add_special_tokens({"additional_special_tokens": CHAT_TOKENS})
     return base, expert

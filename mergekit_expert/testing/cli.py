@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import site
 import subprocess
 import sys
 import time
@@ -204,3 +205,57 @@ def kill_at(config, out, until, timeout: float = 240.0) -> dict:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+# --- the host's own entry points (mergekit-yaml, run_merge) in a fresh process --
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+PTH = "mergekit_expert_autoload.pth"
+
+
+def installed_pth() -> str | None:
+    """The autoload .pth in this interpreter's site-packages, if installed."""
+    for directory in [*site.getsitepackages(), site.getusersitepackages()]:
+        if os.path.isfile(os.path.join(directory, PTH)):
+            return os.path.join(directory, PTH)
+    return None
+
+
+def host_env(tmp_dir: Path, autoload: bool = True, **extra: str) -> dict[str, str]:
+    """Environment for a host entry point run in a subprocess.
+
+    This checkout comes first on PYTHONPATH. When the package is installed with
+    its .pth (after integration), start-up runs it as it would for a user;
+    otherwise a ``sitecustomize`` adds a site directory holding a copy of the
+    .pth, so the very same line still runs through ``site``'s .pth processing.
+    """
+    env = dict(os.environ)
+    env.pop("PYTHONSTARTUP", None)
+    paths = [str(REPO)]
+    if installed_pth() is None:
+        site_dir = tmp_dir / "autoload_site"
+        custom_dir = tmp_dir / "autoload_custom"
+        site_dir.mkdir(exist_ok=True)
+        custom_dir.mkdir(exist_ok=True)
+        (site_dir / PTH).write_text((REPO / PTH).read_text())
+        (custom_dir / "sitecustomize.py").write_text(
+            f"import site\nsite.addsitedir({str(site_dir)!r})\n"
+        )
+        paths.insert(0, str(custom_dir))
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env["MERGEKIT_EXPERT_AUTOLOAD"] = "1" if autoload else "0"
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.update(extra)
+    return env
+
+
+def run_host(
+    args: list[str], env: dict[str, str], cwd=None
+) -> subprocess.CompletedProcess:
+    """A host command in a subprocess, its output captured."""
+    return subprocess.run(
+        args, env=env, cwd=cwd, capture_output=True, text=True, timeout=600
+    )
