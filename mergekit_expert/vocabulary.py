@@ -187,8 +187,8 @@ def compare_vocabularies(
     expert = _trim(expert_vocab, expert_size)
     shared = [t for t in base if t in expert]
     moved = sum(1 for t in shared if base[t] != expert[t])
-    missing = tuple(sorted((t for t in base if t not in expert), key=base.get))
-    added = tuple(sorted((t for t in expert if t not in base), key=expert.get))
+    missing = tuple(sorted((t for t in base if t not in expert), key=base.__getitem__))
+    added = tuple(sorted((t for t in expert if t not in base), key=expert.__getitem__))
     if not missing and not added and not moved and base_size == expert_size:
         relation = "identical"
     elif moved:
