@@ -67,7 +67,7 @@ def main(
         from .pipeline import run_expert_merge, run_plain_merge
 
         if method in METHOD_NAMES:
-            run_expert_merge(
+            summary = run_expert_merge(
                 document,
                 out_path,
                 merge_options,
@@ -77,6 +77,8 @@ def main(
                 allow_pickle=allow_pickle,
                 overwrite=overwrite,
             )
+            if summary:
+                click.echo(summary, err=True)
         else:
             run_plain_merge(
                 document,

@@ -29,7 +29,13 @@ from .errors import ExpertMergingError
 from .memory import StageClock
 from .output import InputPath, WorkDir, check_output_location, check_replaceable
 from .preflight import check_device, preflight
-from .report import build_report, write_outputs
+from .report import (
+    build_report,
+    reproduce_config,
+    save_calibration_config,
+    summary_line,
+    write_outputs,
+)
 from .sources import model_inputs, option_inputs, resolve_models
 from .state import CHECKPOINT, fingerprint
 
@@ -46,8 +52,10 @@ def run_expert_merge(
     coefficients: str | None = None,
     allow_pickle: bool = False,
     overwrite: bool = False,
-) -> None:
+) -> str | None:
     """The whole job: validate, calibrate (unless given coefficients), merge, report.
+
+    Returns the run's one-line summary (None on ranks other than 0).
 
     The output is staged in ``OUT.partial`` and moved into place when complete;
     a calibration that fails or is interrupted keeps its checkpoint there, and
@@ -87,7 +95,7 @@ def run_expert_merge(
         else:
             calibration = calibrate(plan, checked, merge_options, lora_cache, work)
             if not is_main():
-                return  # rank 0 writes the artifact, the model and the report
+                return None  # rank 0 writes the artifact, the model and the report
             artifact = calibration.artifact
             artifact_file = work.file(ARTIFACT_NAME)
             artifact.save(artifact_file)
@@ -100,13 +108,14 @@ def run_expert_merge(
                 merge_config,
                 work.staging,
                 options=merge_options,
-                config_source=config_source,
+                config_source=reproduce_config(document),
             )
         report = build_report(artifact, calibration, artifact_file, clock.stages)
-        write_outputs(
-            work.staging, artifact, artifact_file, report, options.write_model_card
-        )
+        write_outputs(work.staging, artifact, artifact_file, report, options)
+        if calibration is not None and config_source is not None:
+            save_calibration_config(work.staging, config_source)
         work.publish()
+        return summary_line(out_path, report)
     except BaseException:
         if is_main():
             _after_failure(work, keep_state=checked.artifact is None)

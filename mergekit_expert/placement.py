@@ -3,6 +3,8 @@ accelerate device maps, activation checkpointing)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -61,7 +63,8 @@ class Placement:
         )
         if self.device_map is not None:
             kwargs["device_map"] = self.device_map
-        model = model_class(config).from_pretrained(path, **kwargs)
+        with _quiet_loading():  # the teacher pass has its own progress bar
+            model = model_class(config).from_pretrained(path, **kwargs)
         if self.device_map is None:
             model = model.to(self.device)
         model.eval()
@@ -84,3 +87,17 @@ class Placement:
         return torch.autocast(
             device_type=device_type, dtype=self.dtype, enabled=enabled
         )
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """transformers' "Loading weights" bar off for one load, then as it was."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()

@@ -115,7 +115,7 @@ def preflight(
     if settings.hidden_weight == 0:
         hidden_layers = []  # the hidden term is off: no teacher hidden states
     artifact = None
-    path = coefficients or plan.coefficients
+    path = coefficients or artifact_in_config(plan.coefficients, config_file)
     records: list[list[CalibrationRecord]] = []
     if path is not None:
         artifact = check_artifact(path, plan, base_shapes)
@@ -130,6 +130,16 @@ def preflight(
         artifact_path=path,
         inputs=inputs,
     )
+
+
+def artifact_in_config(path: str | None, config_file: str | None) -> str | None:
+    """A relative ``coefficients:`` path in a config file is relative to that
+    file's folder (a published model's ``mergekit_config.yml`` names its own
+    ``expert_merging/coefficients.safetensors``), else to the current directory."""
+    if path is None or os.path.isabs(path) or config_file is None:
+        return path
+    beside = os.path.join(os.path.dirname(os.path.abspath(config_file)), path)
+    return beside if os.path.exists(beside) else path
 
 
 def check_configs(

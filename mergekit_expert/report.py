@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .train import TrainHistory
 
 LOG = logging.getLogger(__name__)
+CALIBRATION_CONFIG = "calibration_config.yml"
 PRETTY_NAMES = {
     "expert_merging": "Expert Merging",
     "expert_merging_pp": "Expert Merging++",
@@ -52,6 +53,13 @@ def build_report(
         report.update(_calibration_report(calibration))
     report["mean_alpha"] = [
         float(torch.cat([a[k] for a in alphas.values()]).mean()) for k in range(experts)
+    ]
+    report["alpha_range"] = [
+        [
+            float(torch.cat([a[k].reshape(-1) for a in alphas.values()]).min()),
+            float(torch.cat([a[k].reshape(-1) for a in alphas.values()]).max()),
+        ]
+        for k in range(experts)
     ]
     report["coefficients"] = {name: a.tolist() for name, a in alphas.items()}
     report["stages"] = {**(calibration.stages if calibration else {}), **stages}
@@ -91,6 +99,7 @@ def _calibration_report(result: CalibrationResult) -> dict[str, Any]:
         "coefficients_outside_sane_range": outside_range(
             result.artifact.coefficients, settings.sane_range
         ),
+        "outcome": outcome(result),
     }
     if result.allocation is not None:
         allocation = result.allocation
@@ -102,6 +111,23 @@ def _calibration_report(result: CalibrationResult) -> dict[str, Any]:
             "chunks": allocation.chunks,
         }
     return report
+
+
+def outcome(result: CalibrationResult) -> dict[str, Any]:
+    """Whether calibration moved the coefficients from their start."""
+    init = torch.tensor(result.artifact.init, dtype=torch.float32)[:, None]
+    change = max(
+        (float((a - init).abs().max()) for a in result.artifact.coefficients.values()),
+        default=0.0,
+    )
+    moved = change > 1e-6
+    message = None
+    if not moved:
+        message = (
+            "no optimizer step lowered the calibration objective below its starting "
+            "value, so the merge is task arithmetic at the initial alpha."
+        )
+    return {"moved": moved, "max_change": change, "message": message}
 
 
 def outside_range(
@@ -161,7 +187,7 @@ def write_outputs(
     artifact: CoefficientArtifact,
     artifact_file: str,
     report: Mapping[str, Any],
-    model_card: bool,
+    options: Any,
 ) -> None:
     """Artifact, report, heatmap and model-card section into OUT/expert_merging."""
     folder = os.path.join(out_path, ARTIFACT_DIR)
@@ -178,14 +204,99 @@ def write_outputs(
     plot_coefficients(
         os.path.join(folder, "coefficients.png"),
         artifact.coefficients,
-        artifact.experts,
+        short_labels(artifact.experts),
         f"{report['method_pretty_name']}: learned coefficients",
         chunks=chunks,
     )
     card = os.path.join(out_path, "README.md")
-    if model_card and os.path.exists(card):
-        with open(card, "a", encoding="utf-8") as handle:
-            handle.write(card_section(report))
+    if options.write_model_card and os.path.exists(card):
+        with open(card, encoding="utf-8") as handle:
+            text = handle.read() + card_section(report)
+        with open(card, "w", encoding="utf-8") as handle:
+            handle.write(
+                without_local_paths(text, [report["base"], *report["experts"]])
+            )
+
+
+def reproduce_config(document: Mapping[str, Any]) -> str:
+    """The merge config that reproduces this merge from its artifact alone: the
+    config as written, without calibration data, reading the coefficients the
+    output holds (a path relative to the model directory)."""
+    reproduce = {k: v for k, v in document.items() if k != "calibration"}
+    reproduce["parameters"] = {
+        **(document.get("parameters") or {}),
+        "coefficients": f"{ARTIFACT_DIR}/{ARTIFACT_NAME}",
+    }
+    models = []
+    for entry in document.get("models") or []:
+        entry = dict(entry)
+        parameters = {
+            k: v
+            for k, v in (entry.get("parameters") or {}).items()
+            if k not in ("calibration", "task_weight")
+        }
+        entry.pop("parameters", None)
+        if parameters:
+            entry["parameters"] = parameters
+        models.append(entry)
+    reproduce["models"] = models
+    import yaml
+
+    return yaml.safe_dump(reproduce, sort_keys=False)
+
+
+def save_calibration_config(out_path: str, config_source: str) -> None:
+    """The config the coefficients were calibrated with, kept beside them."""
+    path = os.path.join(out_path, ARTIFACT_DIR, CALIBRATION_CONFIG)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(config_source)
+
+
+def summary_line(out_path: str, report: Mapping[str, Any]) -> str:
+    """One line for the end of a run: where, what, how the objective moved, how long."""
+    wall = sum(stage.get("wall_s", 0.0) for stage in report["stages"].values())
+    parts = [f"wrote {report['method_pretty_name']} merge to {out_path}"]
+    loss = report.get("loss")
+    if loss:
+        parts.append(
+            "alignment loss "
+            + " -> ".join(f"{value:.4g} ({key})" for key, value in loss.items())
+        )
+    else:
+        parts.append(f"coefficients from {report.get('coefficients_from')}")
+    parts.append(f"{wall:.1f} s")
+    return "; ".join(parts)
+
+
+def short_labels(references: Sequence[str]) -> list[str]:
+    """Distinct short names: the fewest trailing path parts that tell each apart
+    (``math/checkpoint-500`` and ``code/checkpoint-500``, not twice the last)."""
+    parts = [
+        [p for p in ref.replace("\\", "/").rstrip("/").split("/") if p] or [ref]
+        for ref in references
+    ]
+    depth = 1
+    while True:
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels) or all(depth >= len(p) for p in parts):
+            return labels
+        depth += 1
+
+
+def without_local_paths(text: str, references: Sequence[str]) -> str:
+    """``text`` with every absolute local path among ``references`` (and their
+    ``base+adapter`` parts) replaced by its short name: a published card names
+    models, not the directories of the machine that merged them."""
+    paths = {
+        part
+        for ref in references
+        for part in str(ref).split("+")
+        if os.path.isabs(part)
+    }
+    ordered = sorted(paths, key=len, reverse=True)
+    for path, label in zip(ordered, short_labels(ordered)):
+        text = text.replace(path, label)
+    return text
 
 
 BLOCK_PATTERN = re.compile(r"layers\.(\d+)\.(.+?)(?:\.weight)?$")
@@ -229,6 +340,28 @@ def _grid(
     return rows, columns, grid
 
 
+def heatmap_cells(
+    coefficients: Mapping[str, torch.Tensor],
+    experts: Sequence[str],
+    chunks: Mapping[str, int] | None = None,
+) -> tuple[dict[tuple[int, str], float], dict[tuple[int, str], float]]:
+    """{(block, "projection\\nexpert"): mean alpha} and {(block, projection):
+    chunk count}; ``experts`` are the column labels, distinct per expert."""
+    alpha_cells, chunk_cells = {}, {}
+    for name, matrix in coefficients.items():
+        block, projection = _block_and_projection(name)
+        if block is None:
+            continue
+        label = projection.split(".")[-1]
+        for k in range(matrix.shape[0]):
+            alpha_cells[(block, f"{label}\n{experts[k]}")] = float(
+                matrix[k].float().mean()
+            )
+        if chunks is not None:
+            chunk_cells[(block, label)] = float(chunks.get(name, matrix.shape[1]))
+    return alpha_cells, chunk_cells
+
+
 def plot_coefficients(
     path: str,
     coefficients: Mapping[str, torch.Tensor],
@@ -243,19 +376,7 @@ def plot_coefficients(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    short = [os.path.basename(e.rstrip("/")) or e for e in experts]
-    alpha_cells, chunk_cells = {}, {}
-    for name, matrix in coefficients.items():
-        block, projection = _block_and_projection(name)
-        if block is None:
-            continue
-        label = projection.split(".")[-1]
-        for k in range(matrix.shape[0]):
-            alpha_cells[(block, f"{label}\n{short[k]}")] = float(
-                matrix[k].float().mean()
-            )
-        if chunks is not None:
-            chunk_cells[(block, label)] = float(chunks.get(name, matrix.shape[1]))
+    alpha_cells, chunk_cells = heatmap_cells(coefficients, experts, chunks)
     panels = [(alpha_cells, "alpha (mean over chunks)", title, "viridis")]
     if chunks is not None:
         panels.append((chunk_cells, "chunks (0 = fixed)", "Chunk allocation", "magma"))
@@ -287,6 +408,7 @@ def plot_coefficients(
 def card_section(report: Mapping) -> str:
     """Markdown appended to the model card mergekit writes."""
     experts = report["experts"]
+    labels = short_labels(experts)
     init = report["init"]
     lines = [
         "",
@@ -297,29 +419,66 @@ def card_section(report: Mapping) -> str:
         "unlabeled calibration samples of its own domain "
         "([Expert Merging](https://arxiv.org/abs/2509.25712)).",
         "",
-        "| expert | initial alpha | mean learned alpha | calibration samples |",
+        "| expert | initial alpha | learned alpha: min / mean / max | calibration samples |",
         "|---|---|---|---|",
     ]
-    for k, expert in enumerate(experts):
+    for k, label in enumerate(labels):
+        low, high = report["alpha_range"][k]
         lines.append(
-            f"| {expert} | {init[k]:.3f} | {report['mean_alpha'][k]:.3f} | "
-            f"{report['samples_per_expert'][k]} |"
+            f"| {label} | {init[k]:.3f} | {low:.3f} / {report['mean_alpha'][k]:.3f} / "
+            f"{high:.3f} | {report['samples_per_expert'][k]} |"
         )
-    loss = report.get("loss", {})
-    if loss:
-        lines += [
-            "",
-            "Calibration alignment loss: "
-            + ", ".join(f"{key} {value:.4f}" for key, value in loss.items())
-            + ".",
-        ]
+    lines += ["", loss_sentence(report), ""]
     lines += [
-        "",
-        "Coefficients: `expert_merging/coefficients.safetensors` (one [experts, "
-        "chunks] float32 tensor per weight; weights not listed are the base's). "
-        "Details: `expert_merging/report.json`.",
-        "",
         "![learned coefficients](expert_merging/coefficients.png)",
+        "",
+        "### Reproduce",
+        "",
+        "`mergekit_config.yml` reproduces this merge from its coefficients "
+        "(`expert_merging/coefficients.safetensors`, one [experts, chunks] float32 "
+        "tensor per weight; weights not listed are the base's), without the "
+        "calibration data:",
+        "",
+        "```",
+        "pip install mergekit-expert",
+        "mergekit-expert mergekit_config.yml ./merged   # or mergekit-yaml, from this folder",
+        "```",
+        "",
+        "The coefficients path is relative to the config's folder. "
+        + (
+            "`mergekit-expert export expert_merging/coefficients.safetensors -o "
+            "task_arithmetic.yml` writes an equivalent stock mergekit config "
+            "(no plugin needed). "
+            if report["method"] == "expert_merging"
+            else ""
+        )
+        + "The calibration settings are in `expert_merging/calibration_config.yml`, "
+        "the full record in `expert_merging/report.json`.",
         "",
     ]
     return "\n".join(lines)
+
+
+def loss_sentence(report: Mapping) -> str:
+    """How calibration changed the alignment loss, in words."""
+    loss = report.get("loss")
+    if not loss:
+        return (
+            "These coefficients were read from an existing artifact "
+            "(no calibration in this run)."
+        )
+    start = loss["task_arithmetic_init"]
+    alpha = ", ".join(f"{a:.2f}" for a in sorted(set(report["init"])))
+    words = [
+        f"Calibration alignment loss: {start:.4f} for task arithmetic at alpha = {alpha}"
+    ]
+    for key, label in (("stage1", "stage 1"), ("stage2", "stage 2")):
+        if key in loss:
+            change = 100 * (loss[key] - start) / start if start else 0.0
+            words.append(f"{loss[key]:.4f} after {label} ({change:+.1f} %)")
+    sentence = ", ".join(words[:1]) + (", " if len(words) > 1 else "")
+    sentence += ", ".join(words[1:]) + "."
+    outcome = report.get("outcome", {})
+    if outcome and not outcome.get("moved", True):
+        sentence += f" **Calibration ended at its start:** {outcome['message']}"
+    return sentence
