@@ -40,6 +40,7 @@ from .teacher import (
     run_teachers,
 )
 from .train import OnStep, TrainHistory, search_init, train_coefficients
+from .vocabulary import tokenizer_vocabulary, vocabulary_map
 
 LOG = logging.getLogger(__name__)
 
@@ -183,18 +184,25 @@ def teacher_pass(
     if cache is not None:
         return cache
     settings = plan.calibration
-    experts = [
-        TeacherModel(
-            name=expert.name,
-            path=path,
-            tokenizer_paths=tuple(
-                p
-                for p in (path, expert.reference.model.path, base_dir)
-                if os.path.isdir(p) and has_tokenizer(p)
-            ),
+    experts = []
+    for expert, path, vocabulary in zip(
+        plan.experts, expert_dirs, checked.vocabularies
+    ):
+        tokenizers = tuple(
+            p
+            for p in (path, expert.reference.model.path, base_dir)
+            if os.path.isdir(p) and has_tokenizer(p)
         )
-        for expert, path in zip(plan.experts, expert_dirs)
-    ]
+        mapping = None
+        if vocabulary is not None:  # added tokens: compare on the shared ones
+            trust = placement.trust_remote_code
+            mapping = vocabulary_map(
+                tokenizer_vocabulary(base_dir, trust),
+                tokenizer_vocabulary(tokenizers[0], trust),
+                vocabulary.base_size,
+                vocabulary.expert_size,
+            )
+        experts.append(TeacherModel(expert.name, path, tokenizers, mapping))
     job = TeacherJob(
         placement=placement,
         hidden_layers=tuple(checked.hidden_layers),

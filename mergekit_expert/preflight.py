@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from mergekit.common import ModelReference
@@ -26,7 +27,14 @@ from .multimodal import has_processor, is_multimodal, load_processor
 from .output import InputPath
 from .records import CalibrationRecord, choose_records, load_records
 from .sources import ResolvedModel, model_inputs, option_inputs, resolve_models
-from .student import check_hidden_layers
+from .student import check_hidden_layers, select_weights
+from .vocabulary import (
+    VocabularyCheck,
+    check_expert_vocabulary,
+    embedding_rows,
+    tokenizer_vocabulary,
+    vocabulary_rows,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -41,6 +49,8 @@ class Checked:
     artifact: CoefficientArtifact | None = None
     artifact_path: str | None = None
     inputs: list[InputPath] = field(default_factory=list)
+    # Per expert: how its vocabulary extends the base's (None: the same rows).
+    vocabularies: list[VocabularyCheck | None] = field(default_factory=list)
 
 
 def check_device(device: str | None) -> None:
@@ -104,8 +114,15 @@ def preflight(
     inputs = model_inputs(resolved) + option_inputs(options)
     if config_file is not None:
         inputs.append(InputPath(config_file, "the config file"))
-    base_config = check_configs(plan, named, options.trust_remote_code)
-    base_shapes = check_shapes(plan, resolved)
+    configs = check_configs(plan, named, options.trust_remote_code)
+    base_config = configs[plan.base]
+    vocabularies = [
+        check_vocabulary(
+            plan, expert, resolved[0], model, configs, options.trust_remote_code
+        )
+        for expert, model in zip(plan.experts, resolved[1:])
+    ]
+    base_shapes = check_shapes(plan, resolved, vocabularies)
     n_blocks = int(getattr(base_config, "num_hidden_layers", 0) or 0)
     settings = plan.calibration
     hidden_layers = settings.hidden_layers
@@ -129,6 +146,7 @@ def preflight(
         artifact=artifact,
         artifact_path=path,
         inputs=inputs,
+        vocabularies=vocabularies,
     )
 
 
@@ -144,8 +162,8 @@ def artifact_in_config(path: str | None, config_file: str | None) -> str | None:
 
 def check_configs(
     plan: ExpertMergePlan, named: Sequence[tuple[ModelReference, str]], trust: bool
-):
-    """Every model's config is readable and the vocabularies agree; the base's."""
+) -> dict[ModelReference, Any]:
+    """Every model's (text) config, readable."""
     configs = {}
     for reference, what in named:
         try:
@@ -154,28 +172,77 @@ def check_configs(
             raise ExpertMergingError(
                 f"cannot read the config of {what}: {error}"
             ) from None
-    base_config = configs[plan.base]
-    vocab = getattr(base_config, "vocab_size", None)
-    for expert in plan.experts:
-        other = getattr(configs[expert.reference], "vocab_size", None)
-        if vocab is not None and other is not None and other != vocab:
+    return configs
+
+
+def check_vocabulary(
+    plan: ExpertMergePlan,
+    expert: Expert,
+    base: ResolvedModel,
+    model: ResolvedModel,
+    configs: Mapping[ModelReference, Any],
+    trust: bool,
+) -> VocabularyCheck | None:
+    """None when the expert has the base's vocabulary rows; else how it extends
+    them (added tokens), refused when it cannot be a fine-tune of this base or
+    when the config does not say how mergekit builds the output vocabulary."""
+    base_size = getattr(configs[plan.base], "vocab_size", None)
+    size = getattr(configs[expert.reference], "vocab_size", None)
+    if base_size is None or size is None or size == base_size:
+        return None
+    if base.model_dir is None or model.model_dir is None or model.lora_dir:
+        raise ExpertMergingError(
+            f"expert {expert.name} has vocabulary size {size} but the base has "
+            f"{base_size}; an expert with added tokens must be a local (or cached) "
+            "full model, not an adapter"
+        )
+    vocabs = []
+    for directory, what in (
+        (base.model_dir, "the base"),
+        (model.model_dir, expert.name),
+    ):
+        try:
+            vocabs.append(tokenizer_vocabulary(directory, trust))
+        except Exception as error:
             raise ExpertMergingError(
-                f"expert {expert.name} has vocabulary size {other} but the base has "
-                f"{vocab}; expert merging needs experts fine-tuned from the same base"
-            )
-    return base_config
+                f"expert {expert.name} has vocabulary size {size} but the base has "
+                f"{base_size}; telling added tokens from another base needs the "
+                f"tokenizer of {what} ({directory}): {error}"
+            ) from None
+    check = check_expert_vocabulary(
+        expert.name,
+        vocabs[0],
+        vocabs[1],
+        base_size=base_size,
+        expert_size=size,
+        tokenizer_source=plan.merge_config.tokenizer_source
+        or plan.merge_config.tokenizer,
+        base_embedding=embedding_rows(base.model_dir, base_size),
+        expert_embedding=embedding_rows(model.model_dir, size),
+    )
+    if check.moved:
+        raise ExpertMergingError(
+            f"expert {expert.name}'s tokenizer keeps {check.moved} of the base's "
+            "tokens at other ids; calibration compares the expert and the merged "
+            "model token by token and needs the base's tokens at the base's ids"
+        )
+    return check
 
 
 def check_shapes(
-    plan: ExpertMergePlan, resolved: Sequence[ResolvedModel]
+    plan: ExpertMergePlan,
+    resolved: Sequence[ResolvedModel],
+    vocabularies: Sequence[VocabularyCheck | None],
 ) -> dict[str, tuple[int, ...]]:
-    """Each local expert's tensors exist in the base with the same shapes; the
-    base's shapes (empty when they cannot be read without loading)."""
+    """Each local expert's tensors exist in the base with the same shapes (but
+    the vocabulary rows of an expert that added tokens, which calibration must
+    leave to mergekit's tokenizer handling); the base's shapes (empty when they
+    cannot be read without loading)."""
     base_dir = resolved[0].model_dir
     if not base_dir or plan.base.lora is not None:
         return {}
     base_shapes = header_shapes(base_dir, "the base model")
-    for expert, model in zip(plan.experts, resolved[1:]):
+    for expert, model, vocabulary in zip(plan.experts, resolved[1:], vocabularies):
         if not base_shapes or model.lora_dir is not None or model.model_dir is None:
             continue
         for name, shape in header_shapes(model.model_dir, model.what).items():
@@ -184,6 +251,16 @@ def check_shapes(
                     f"expert {expert.name} has tensor {name} that the base model lacks; "
                     "experts must share the base's architecture"
                 )
+            if vocabulary is not None and vocabulary_rows(
+                shape, base_shapes[name], vocabulary
+            ):
+                if select_weights([name], plan.calibration.exclude):
+                    raise ExpertMergingError(
+                        f"calibration.exclude must keep {name} at the base: its rows "
+                        f"are the vocabulary, which expert {expert.name} extended; "
+                        "mergekit merges them by token (tokenizer_source)"
+                    )
+                continue
             if base_shapes[name] != shape:
                 raise ExpertMergingError(
                     f"tensor {name} has shape {list(shape)} in expert {expert.name} but "

@@ -24,6 +24,7 @@ from .errors import ExpertMergingError
 from .multimodal import has_processor, load_processor
 from .placement import Placement
 from .records import CalibrationRecord
+from .vocabulary import VocabularyMap
 
 
 @dataclass
@@ -218,8 +219,12 @@ def score(
     hidden_layers: Sequence[int],
     placement: Placement,
     top_k: int | None = None,
+    vocabulary: VocabularyMap | None = None,
 ) -> TeacherTargets:
-    """The teacher's logits (all, or the top k per position) and hidden states."""
+    """The teacher's logits (all, or the top k per position) and hidden states.
+
+    With a ``vocabulary`` map (an expert that added tokens) only the tokens the
+    base shares are kept, indexed as the merged model's logits are."""
     device = next(model.parameters()).device
     with placement.autocast():
         output = model(
@@ -229,6 +234,8 @@ def score(
         )
     hidden = [output.hidden_states[i][0].float().cpu() for i in hidden_layers]
     logits = output.logits[0].float()
+    if vocabulary is not None:
+        return _shared_targets(logits, hidden, vocabulary, top_k)
     if top_k is not None and top_k < logits.shape[-1]:
         values, indices = logits.topk(top_k, dim=-1)
         return TeacherTargets(values.cpu(), hidden, indices.cpu())
@@ -254,6 +261,26 @@ class TeacherModel:
     name: str
     path: str
     tokenizer_paths: tuple[str, ...]
+    # Set when the expert added tokens: its ids -> the base's, by token string.
+    vocabulary: VocabularyMap | None = None
+
+
+def _shared_targets(
+    logits: torch.Tensor,
+    hidden: list[torch.Tensor],
+    vocabulary: VocabularyMap,
+    top_k: int | None,
+) -> TeacherTargets:
+    """Teacher targets on the shared vocabulary: the KL compares the two models
+    on the tokens both have, each distribution renormalized over them."""
+    if top_k is not None and top_k < vocabulary.shared:
+        values, indices = vocabulary.teacher_top_k(logits, top_k)
+        return TeacherTargets(values.cpu(), hidden, indices.cpu())
+    shared = vocabulary.teacher_logits(logits).cpu()
+    if vocabulary.prefix and vocabulary.shared == vocabulary.student_size:
+        return TeacherTargets(shared, hidden)  # aligned with the student's rows
+    indices = vocabulary.student_ids.expand(len(shared), -1).contiguous()
+    return TeacherTargets(shared, hidden, indices)
 
 
 def run_teachers(
@@ -290,7 +317,7 @@ def run_teachers(
             )
             model = job.placement.load(expert.path)
             for global_index, record in mine:
-                sample, target, label = _teach(model, processor, k, record, job)
+                sample, target, label = _teach(model, processor, k, record, job, expert)
                 if not all(
                     bool(torch.isfinite(t).all())
                     for t in [target.logits, *target.hidden]
@@ -311,9 +338,20 @@ def run_teachers(
 
 
 def _teach(
-    model, processor, expert: int, record: CalibrationRecord, job: TeacherJob
+    model,
+    processor,
+    expert: int,
+    record: CalibrationRecord,
+    job: TeacherJob,
+    teacher: TeacherModel,
 ) -> tuple[Sample, TeacherTargets, dict | None]:
-    """One record: render it, generate its response if it has none, score it."""
+    """One record: render it, generate its response if it has none, score it.
+
+    For an expert that added tokens, the sequence may hold only tokens the base
+    has (the merged model takes it as input); a generated response ends before
+    the first token the base lacks (the expert's own end-of-turn, typically).
+    """
+    vocabulary = teacher.vocabulary
     tokenizer = getattr(processor, "tokenizer", processor)
     inputs: dict[str, torch.Tensor] = {}
     token_inputs: dict[str, torch.Tensor] = {}
@@ -323,6 +361,8 @@ def _teach(
         inputs, token_inputs = rendered.inputs, rendered.token_inputs
     else:
         prompt_ids, response_ids = render(record, tokenizer)
+    if vocabulary is not None:
+        _check_shared(vocabulary, prompt_ids + (response_ids or []), record, teacher)
     label = None
     if response_ids is None:
         if record.images and len(prompt_ids) > job.max_length:
@@ -338,6 +378,8 @@ def _teach(
             job.max_new_tokens,
             batched(inputs, token_inputs),
         )
+        if vocabulary is not None:
+            response_ids = vocabulary.cut_at_unmapped(response_ids)
         label = {
             "expert": expert,
             "record": record.where,
@@ -352,5 +394,24 @@ def _teach(
         inputs,
         token_inputs,
     )
-    target = score(model, sample, job.hidden_layers, job.placement, job.top_k)
+    target = score(
+        model, sample, job.hidden_layers, job.placement, job.top_k, vocabulary
+    )
     return sample, target, label
+
+
+def _check_shared(
+    vocabulary: VocabularyMap,
+    ids: list[int],
+    record: CalibrationRecord,
+    teacher: TeacherModel,
+) -> None:
+    missing = vocabulary.unmapped_in(ids)
+    if missing:
+        raise ExpertMergingError(
+            f"{record.where}: rendered by expert {teacher.name}, it contains token(s) "
+            f"{missing[:5]} that the base vocabulary lacks, so the merged model "
+            "cannot take it as input during calibration; use records without them "
+            "(the expert's chat template may add them: give plain text or "
+            "prompt/response records)"
+        )
