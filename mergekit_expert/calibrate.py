@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import torch
@@ -29,9 +29,10 @@ from .objective import Objective
 from .output import WorkDir
 from .placement import Placement
 from .preflight import Checked
+from .prox import train_prox
 from .state import CHECKPOINT, CalibrationState, LoopCheckpoint, load_state, save_state
 from .student import Student, select_weights
-from .task_vectors import CheckpointReader, load_task_vectors
+from .task_vectors import CheckpointReader, load_task_vectors, same_shape
 from .teacher import (
     TeacherCache,
     TeacherJob,
@@ -95,6 +96,8 @@ def calibrate(
     )
     with clock.stage("student_setup"):
         student = build_student(settings, placement, base_dir, expert_dirs, names)
+    if settings.alignment_scale == "base":
+        objective = replace(objective, scales=base_scales(student, objective, names))
     if state.init is None and plan.init_values() is None:
         with clock.stage("init_search"):
             best, state.init_curve = search_init(
@@ -145,6 +148,24 @@ def calibrate(
         resumed=state.resumed,
         stages=clock.stages,
     )
+
+
+def base_scales(
+    student: Student, objective: Objective, names: Sequence[str]
+) -> tuple[float, ...]:
+    """Each expert's alignment loss at the base model (every alpha 0): the
+    scale that makes its term the fraction of that distance still left."""
+    student.set_uniform(0.0)
+    _, per_expert = objective.alignment(student)
+    for name, value in zip(names, per_expert):
+        if value <= 1e-12:
+            raise ExpertMergingError(
+                f"expert {name}'s calibration loss at the base model is 0 (it equals "
+                "the base on its samples), so alignment_scale: base cannot divide "
+                "by it; use alignment_scale: absolute"
+            )
+    LOG.info("alignment scales (loss at the base): %s", per_expert)
+    return tuple(per_expert)
 
 
 def local_models(
@@ -230,8 +251,20 @@ def build_student(
         raise ExpertMergingError(
             "calibration.exclude excludes every weight of the model; nothing to calibrate"
         )
+    frozen: list[str] = []
+    if settings.excluded == "init":  # merged at the initial alpha, not trained
+        frozen = same_shape(
+            [n for n in params if n not in names and params[n].is_floating_point()],
+            base_dir,
+            expert_dirs,
+        )
     task_vectors = load_task_vectors(
-        settings.task_vectors, names, params, base_dir, expert_dirs, expert_names
+        settings.task_vectors,
+        names + frozen,
+        params,
+        base_dir,
+        expert_dirs,
+        expert_names,
     )
     return Student(
         model,
@@ -239,6 +272,7 @@ def build_student(
         activation=settings.activation,
         autocast=placement.autocast,
         parameters=params,
+        frozen=frozen,
     )
 
 
@@ -250,9 +284,12 @@ def prepare_stage2(
 ) -> Allocation:
     """Importance-guided chunking of the student for stage 2 (same teacher cache)."""
     vectors = student.task_vectors
-    numels = {name: vectors.numel(name) for name in vectors.names}
-    importance = layer_importance(stage1_alphas, vectors.mean_abs(), numels)
-    allocation = allocate_chunks(importance, numels, settings.budget, settings.kappa)
+    numels = {n: vectors.numel(n) for n in vectors.names if n not in student.frozen}
+    calibrated = {n: a for n, a in stage1_alphas.items() if n in numels}
+    importance = layer_importance(calibrated, vectors.mean_abs(list(numels)), numels)
+    allocation = allocate_chunks(
+        importance, numels, settings.budget, settings.kappa, settings.allocation
+    )
     init = student.init
     warm = settings.stage2_init == "warm"
     fixed = {
@@ -299,7 +336,8 @@ def _trainer(
     """train(settings, phase): one stage's loop, resumed and checkpointed."""
 
     def train(settings: CalibrationConfig, phase: str) -> TrainHistory:
-        return train_coefficients(
+        loop = train_prox if settings.optimizer == "prox" else train_coefficients
+        return loop(
             student,
             objective,
             settings,

@@ -43,6 +43,13 @@ def chunk_count(numel: int, chunks: int) -> int:
     return math.ceil(numel / chunk_size(numel, chunks))
 
 
+def chunk_shares(numel: int, chunks: int) -> torch.Tensor:
+    """Each chunk's fraction of the tensor's elements, [chunks] float32 (sums to 1)."""
+    size = chunk_size(numel, chunks)
+    sizes = [min(size, numel - s * size) for s in range(chunk_count(numel, chunks))]
+    return torch.tensor(sizes, dtype=torch.float64).div(numel).float()
+
+
 def expand_chunks(coefficients: torch.Tensor, numel: int) -> torch.Tensor:
     """Per-element coefficients [..., numel] from per-chunk ones [..., m]."""
     m = coefficients.shape[-1]

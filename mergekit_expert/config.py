@@ -15,7 +15,14 @@ from typing import Any, Literal, TypeVar
 
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .coefficients import METHOD_NAMES
 from .errors import ExpertMergingError
@@ -52,7 +59,14 @@ class CalibrationConfig(BaseModel):
     hidden_layers: list[int] | None = None
     temperature: float = Field(1.0, gt=0)
     align: Literal["all", "response"] = "all"
-    lr: float = Field(0.5, gt=0)
+    # prox (default): full-batch proximal gradient with a line search, at most
+    # max_steps accepted steps; adamw: the paper's loop (lr, weight_decay,
+    # grad_clip, accumulation, schedule, epochs, patience apply to it alone).
+    optimizer: Literal["prox", "adamw"] = "prox"
+    max_steps: int = Field(40, ge=1)
+    alignment_scale: Literal["base", "absolute"] = "absolute"
+    # None: 0.05 for prox (the first step's largest alpha move), 0.5 for adamw.
+    lr: float | None = Field(None, gt=0)
     weight_decay: float = Field(1e-5, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     accumulation: int = Field(8, ge=1)
@@ -60,6 +74,9 @@ class CalibrationConfig(BaseModel):
     max_length: int = Field(512, ge=2)
     max_new_tokens: int = Field(64, ge=1)
     exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDE))
+    # What the weights ``exclude`` matches hold: the base's values (the paper),
+    # or task arithmetic at the initial alpha (merged, never trained).
+    excluded: Literal["base", "init"] = "base"
     seed: int = 0
     sane_range: tuple[float, float] = (-1.0, 2.0)
     task_vectors: Literal["auto", "resident", "streamed"] = "auto"
@@ -70,16 +87,32 @@ class CalibrationConfig(BaseModel):
     # Expert Merging++ (stage 2); ignored by expert_merging.
     budget: float = Field(1.0, gt=0)
     kappa: float = Field(1.2, ge=0)
+    # largest_remainder spends exactly round(budget * L) chunks; floor is the
+    # paper's rule (it can spend far less when importance is even).
+    allocation: Literal["largest_remainder", "floor"] = "largest_remainder"
     stage2_init: Literal["warm", "init"] = "warm"
-    # None: a warm start continues where stage 1's schedule ended (0.1 * lr);
-    # a restart at init uses lr, as the paper does.
+    # None: adamw's warm start continues where stage 1's schedule ended
+    # (0.1 * lr); a restart at init, or prox, uses lr.
     stage2_lr: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _default_lr(self) -> CalibrationConfig:
+        if self.lr is None:
+            self.lr = 0.05 if self.optimizer == "prox" else 0.5
+        return self
+
+    @property
+    def step(self) -> float:
+        """The learning rate (adamw) or first step size (prox), filled in."""
+        assert self.lr is not None  # set by the validator
+        return self.lr
 
     def stage2(self) -> CalibrationConfig:
         """The settings stage 2 trains with."""
         lr = self.stage2_lr
         if lr is None:
-            lr = 0.1 * self.lr if self.stage2_init == "warm" else self.lr
+            warm = self.stage2_init == "warm" and self.optimizer == "adamw"
+            lr = 0.1 * self.step if warm else self.step
         return self.model_copy(update={"lr": lr})
 
     @field_validator("init")

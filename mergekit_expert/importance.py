@@ -2,7 +2,9 @@
 
 s_k(l)  = mean|tau_k(l)|, normalized over layers per expert
 I(l)    = Norm_l( sum_k |alpha_k(l)| * s_k(l) * n(l) )        (l1 over layers)
-m(l)    = floor( B * I(l)^kappa / sum_j I(j)^kappa ),  B = budget * L
+q(l)    = B * I(l)^kappa / sum_j I(j)^kappa,  B = budget * L
+m(l)    = floor(q(l))  (the paper), or largest remainder: floor(q(l)) plus one
+          for the round(B) - sum floor(q) weights with the largest q - floor(q)
 
 m(l) is then the count ``torch.chunk`` really returns for m(l) chunks (never
 more than asked, so sum m <= B still holds); m(l) = 0 means one fixed,
@@ -60,20 +62,36 @@ def allocate_chunks(
     numels: Mapping[str, int],
     budget_ratio: float,
     kappa: float,
+    rule: str = "floor",
 ) -> Allocation:
-    """m(l) = floor(B * I^kappa / sum I^kappa), then clipped to what torch.chunk returns."""
+    """m(l) from the quotas q(l) = B * I^kappa / sum I^kappa, then clipped to what
+    torch.chunk returns.
+
+    ``floor`` (the paper): m = floor(q); with even importance this spends far
+    less than B (q just below 1 everywhere gives 0 chunks everywhere).
+    ``largest_remainder``: m = floor(q), then one more chunk for the round(B) -
+    sum floor(q) weights with the largest remainders q - floor(q) (ties: the
+    more important weight first), so exactly round(B) chunks are asked for.
+    """
     names = list(importance)
     budget = budget_ratio * len(names)
     powered = {n: (importance[n] ** kappa if importance[n] > 0 else 0.0) for n in names}
     if kappa == 0:
         powered = dict.fromkeys(names, 1.0)
     total = sum(powered.values())
+    quota = {n: budget * powered[n] / total if total > 0 else 0.0 for n in names}
+    asked = {n: math.floor(quota[n] + ROUNDING) for n in names}
+    if rule == "largest_remainder":
+        budget = float(round(budget))
+        spare = int(budget) - sum(asked.values())
+        by_remainder = sorted(
+            names, key=lambda n: (asked[n] - quota[n], -powered[n], names.index(n))
+        )
+        for name in by_remainder[: max(spare, 0)]:
+            asked[name] += 1
     chunks = {}
     for name in names:
-        asked = (
-            math.floor(budget * powered[name] / total + ROUNDING) if total > 0 else 0
-        )
-        chunks[name] = chunk_count(numels[name], asked) if asked > 0 else 0
+        chunks[name] = chunk_count(numels[name], asked[name]) if asked[name] > 0 else 0
     # The rounding allowance may only ever restore exact integers; never exceed B.
     while sum(chunks.values()) > math.floor(budget + ROUNDING):
         largest = max(chunks, key=lambda n: chunks[n])

@@ -57,32 +57,52 @@ def hidden_loss(
 
 
 def regularizer(
-    alphas: Mapping[str, torch.Tensor], targets: Sequence[float]
+    alphas: Mapping[str, torch.Tensor],
+    targets: Sequence[float],
+    shares: Mapping[str, torch.Tensor] | None = None,
+    fixed: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """R = sum_k sum_slots |alpha - init_k| / (coefficient slots per expert).
+    """R = (1/L) sum_k sum_l sum_s share(l, s) * |alpha[k, l, s] - init_k|.
 
-    ``alphas`` maps each weight to its [K, m] coefficients; ``targets`` holds
-    each expert's initial alpha.
+    ``alphas`` maps each weight to its [K, m] coefficients and ``targets``
+    holds each expert's initial alpha. share(l, s) is chunk s's fraction of
+    weight l's elements (``shares[name]``, [m]; 1/m each when not given), so R
+    does not change when a weight is split into chunks with equal values: a
+    warm-started stage 2 starts at stage 1's objective. ``fixed`` weights
+    ([K, 1], untrained) count as constants; L counts every weight. With one
+    coefficient per weight this is the paper's R (release normalization).
     """
-    matrices = list(alphas.values())
-    slots = sum(m.shape[1] for m in matrices)
+    matrices = list(alphas.values()) or list((fixed or {}).values())
     target = torch.tensor(targets, dtype=matrices[0].dtype, device=matrices[0].device)
-    total = cast(torch.Tensor, sum((m - target[:, None]).abs().sum() for m in matrices))
-    return total / slots
+    terms = []
+    for name, matrix in alphas.items():
+        share = shares[name] if shares is not None else None
+        if share is None:
+            share = torch.full((matrix.shape[1],), 1.0 / matrix.shape[1])
+        share = share.to(matrix)
+        terms.append(((matrix - target[:, None]).abs() * share).sum())
+    for matrix in (fixed or {}).values():
+        terms.append((matrix.to(target) - target[:, None]).abs().sum())
+    total = cast(torch.Tensor, sum(terms))
+    return total / (len(alphas) + len(fixed or {}))
 
 
 @dataclass(frozen=True)
 class Objective:
     """The calibration objective of both stages over the cached samples.
 
-    ``sum_k beta_k * mean_i L_i`` over each expert k's samples i, with
+    ``sum_k beta_k / s_k * mean_i L_i`` over each expert k's samples i, with
     ``L = logit_weight * L_logit + hidden_weight * L_hid`` against the sample's
     own expert, plus ``reg_weight * R``. ``hidden_layers`` is empty when the
-    hidden term is off.
+    hidden term is off. ``scales`` s_k: 1 (``alignment_scale: absolute``, the
+    paper's), or expert k's loss at the base model (``base``), so each term
+    is the fraction of the expert's distance from the base still left and
+    ``reg_weight`` means the same on any model, vocabulary or data.
     """
 
     cache: TeacherCache
     task_weights: tuple[float, ...]
+    scales: tuple[float, ...] = ()
     hidden_layers: tuple[int, ...] = ()
     logit_weight: float = 1.0
     hidden_weight: float = 1.0
@@ -112,6 +132,12 @@ class Objective:
     @property
     def experts(self) -> int:
         return len(self.task_weights)
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        """beta_k / s_k: what expert k's mean loss is multiplied by."""
+        scales = self.scales or (1.0,) * self.experts
+        return tuple(b / s for b, s in zip(self.task_weights, scales))
 
     def sample_loss(self, student: Student, index: int) -> torch.Tensor:
         """L_logit + w_h * L_hid of one sample against its own expert."""
@@ -146,10 +172,12 @@ class Objective:
             counts[sample.expert] += 1
         sums, counts = all_reduce_sum([sums, counts])  # this rank's samples -> all
         means = [float(s / c) if c else 0.0 for s, c in zip(sums, counts)]
-        return sum(b * m for b, m in zip(self.task_weights, means)), means
+        return sum(b * m for b, m in zip(self.weights, means)), means
 
     def measure(self, student: Student) -> tuple[float, float]:
         """(alignment loss, objective) at the loaded coefficients, over every sample."""
         aligned, _ = self.alignment(student)
-        reg = float(student.regularizer().detach()) if student.raw else 0.0
+        reg = 0.0
+        if student.raw or student.fixed:
+            reg = float(student.regularizer().detach())
         return aligned, aligned + self.reg_weight * reg

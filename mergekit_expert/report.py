@@ -114,20 +114,47 @@ def _calibration_report(result: CalibrationResult) -> dict[str, Any]:
 
 
 def outcome(result: CalibrationResult) -> dict[str, Any]:
-    """Whether calibration moved the coefficients from their start."""
+    """Whether calibration moved the coefficients from their start, and if not,
+    why and which key to change."""
     init = torch.tensor(result.artifact.init, dtype=torch.float32)[:, None]
     change = max(
         (float((a - init).abs().max()) for a in result.artifact.coefficients.values()),
         default=0.0,
     )
     moved = change > 1e-6
-    message = None
-    if not moved:
-        message = (
-            "no optimizer step lowered the calibration objective below its starting "
-            "value, so the merge is task arithmetic at the initial alpha."
-        )
+    message = None if moved else why_unmoved(result)
+    if message is not None:
+        LOG.warning("calibration ended at its start: %s", message)
     return {"moved": moved, "max_change": change, "message": message}
+
+
+def why_unmoved(result: CalibrationResult) -> str:
+    settings, stage1 = result.settings, result.stage1
+    start = "the merge is task arithmetic at the initial alpha"
+    if settings.optimizer == "prox" and stage1.start_ratio < 1:
+        gamma = settings.reg_weight
+        return (
+            f"{start}: at the start no coefficient's alignment gradient (largest "
+            f"{stage1.start_gradient:.3g}) outweighs the regularizer's pull "
+            f"(reg_weight / weights per expert = {stage1.start_pull:.3g}), so the "
+            "start is the optimum of the objective. To let calibration move, lower "
+            f"calibration.reg_weight below {gamma * stage1.start_ratio:.3g}"
+            + (
+                " or set alignment_scale: base (scale-free alignment)."
+                if settings.alignment_scale == "absolute"
+                else "."
+            )
+        )
+    if settings.optimizer == "prox":
+        return (
+            f"{start}: no step lowered the objective (every trial was rejected); "
+            "lower calibration.lr (the first step size) or calibration.reg_weight."
+        )
+    return (
+        f"{start}: no epoch ended with the objective below its start (adamw at lr "
+        f"{settings.step} moves every coefficient by about lr at once); use "
+        "optimizer: prox, or lower calibration.lr or calibration.reg_weight."
+    )
 
 
 def outside_range(
@@ -163,6 +190,10 @@ def _history(history: TrainHistory) -> dict[str, Any]:
         "optimizer_steps": history.steps,
         "step_seconds": history.step_seconds,
         "stopped_early": history.stopped_early,
+        "evaluations": history.evaluations,
+        "start_gradient": history.start_gradient,
+        "start_pull": history.start_pull,
+        "start_ratio": history.start_ratio,
     }
 
 
@@ -265,7 +296,11 @@ def summary_line(out_path: str, report: Mapping[str, Any]) -> str:
     else:
         parts.append(f"coefficients from {report.get('coefficients_from')}")
     parts.append(f"{wall:.1f} s")
-    return "; ".join(parts)
+    line = "; ".join(parts)
+    outcome = report.get("outcome") or {}
+    if outcome.get("message"):
+        line += f"\nWarning: calibration ended at its start: {outcome['message']}"
+    return line
 
 
 def short_labels(references: Sequence[str]) -> list[str]:

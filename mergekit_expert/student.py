@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from .coefficients import chunk_count, expand_chunks, reduce_chunks
+from .coefficients import chunk_count, chunk_shares, expand_chunks, reduce_chunks
 from .errors import ExpertMergingError
 from .objective import regularizer
 from .task_vectors import ResidentTaskVectors, TaskVectors
@@ -56,16 +56,23 @@ class Student:
         start: Mapping[str, torch.Tensor] | None = None,
         autocast=contextlib.nullcontext,
         parameters: Mapping[str, torch.nn.Parameter] | None = None,
+        frozen: Sequence[str] = (),
     ):
         """``task_vectors``: a TaskVectors, or {name: [K, numel]} with the base
         taken from the model's current weights; ``parameters``: the model's
         parameters by checkpoint name, where that differs from the in-memory
         name (see :mod:`mergekit_expert.multimodal`); ``init`` None creates no
         coefficients until :meth:`reset` (the initial alpha is searched first);
-        see :meth:`reset` for the rest."""
+        ``frozen``: weights merged at the initial alphas and never trained (not
+        part of R either); see :meth:`reset` for the rest."""
         self.model = model
         self.autocast = autocast  # forward passes only; coefficient math stays fp32
         self.activation, self.inverse = activation_fns(activation)
+        self.inverse_tensor = (
+            (lambda a: torch.logit(a.double(), eps=EPSILON).float())
+            if activation == "sigmoid"
+            else (lambda a: a.clone())
+        )
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         params = dict(parameters or model.named_parameters())
@@ -76,6 +83,9 @@ class Student:
         self.weights = {name: params[name] for name in task_vectors.names}
         self.raw: dict[str, torch.nn.Parameter] = {}
         self.fixed: dict[str, torch.Tensor] = {}
+        self.shares: dict[str, torch.Tensor] = {}  # chunk sizes / numel, [m]
+        self.frozen = set(frozen)
+        self.frozen_alphas: dict[str, torch.Tensor] = {}
         self.init: list[float] = []
         if init is not None:
             self.reset(init, chunks, start)
@@ -101,8 +111,14 @@ class Student:
         self.init = [
             float(self.activation(torch.tensor(self.inverse(float(a))))) for a in init
         ]
-        self.raw, self.fixed = {}, {}
+        self.raw, self.fixed, self.shares = {}, {}, {}
+        self.frozen_alphas = {
+            name: torch.tensor(self.init, dtype=torch.float32)[:, None]
+            for name in self.frozen
+        }
         for name in self.task_vectors.names:
+            if name in self.frozen:
+                continue
             device = self.weights[name].device
             if fixed is not None and name in fixed:
                 self.fixed[name] = fixed[name].detach().to(device, torch.float32)
@@ -118,11 +134,15 @@ class Student:
             self.raw[name] = torch.nn.Parameter(
                 values.to(device=device, dtype=torch.float32).clone()
             )
+            self.shares[name] = chunk_shares(self.task_vectors.numel(name), m).to(
+                device
+            )
             self.weights[name].requires_grad_(True)
 
     def regularizer(self) -> torch.Tensor:
-        """R of the current trainable alphas, in the graph of w."""
-        return regularizer(self.alphas(), self.init)
+        """R of the current alphas (trainable ones in the graph of w, fixed ones
+        as constants), each chunk weighted by its share of its tensor."""
+        return regularizer(self.alphas(), self.init, self.shares, self.fixed)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.raw.values())
@@ -134,19 +154,35 @@ class Student:
     @torch.no_grad()
     def all_alphas(self) -> dict[str, torch.Tensor]:
         """Every weight's coefficients, trainable and fixed, detached on the CPU."""
-        merged = {**self.fixed, **self.alphas()}
+        merged = {**self.frozen_alphas, **self.fixed, **self.alphas()}
         return {name: merged[name].detach().cpu() for name in self.task_vectors.names}
 
     @torch.no_grad()
     def load(self, alphas: Mapping[str, torch.Tensor] | None = None) -> None:
         """Write base + sum_k sum_s alpha[k, s] * tau_k[chunk s] into the model."""
-        alphas = {**self.fixed, **self.alphas()} if alphas is None else alphas
+        if alphas is None:
+            alphas = {**self.frozen_alphas, **self.fixed, **self.alphas()}
+        else:
+            alphas = {**self.frozen_alphas, **alphas}
         for name, weight in self.weights.items():
             merged = self.task_vectors.base(name, weight.device).clone()
             coefficient = alphas[name].to(merged)
             for k, tau in enumerate(self.task_vectors.rows(name, weight.device)):
                 merged.addcmul_(tau, expand_chunks(coefficient[k], merged.numel()))
             weight.copy_(merged.view_as(weight))
+
+    @torch.no_grad()
+    def load_alphas(self, alphas: Mapping[str, torch.Tensor]) -> None:
+        """Set the trainable coefficients to ``alphas`` (after the activation) and
+        load their merged weights; a coefficient equal to its current alpha keeps
+        its raw value bit for bit."""
+        current = self.alphas()
+        for name, w in self.raw.items():
+            target = alphas[name].to(w)
+            w.copy_(
+                torch.where(target == current[name], w, self.inverse_tensor(target))
+            )
+        self.load()
 
     @torch.no_grad()
     def load_raw(self, raw: Mapping[str, torch.Tensor]) -> None:

@@ -39,7 +39,7 @@ class TaskVectors:
         """tau_k of this tensor for k = 0..K-1, one at a time."""
         raise NotImplementedError
 
-    def mean_abs(self) -> dict[str, torch.Tensor]:
+    def mean_abs(self, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """mean|tau_k| per tensor, [K] float64 (for the ++ importance)."""
         return {
             name: torch.tensor(
@@ -49,7 +49,7 @@ class TaskVectors:
                 ],
                 dtype=torch.float64,
             )
-            for name in self.names
+            for name in (self.names if names is None else names)
         }
 
 
@@ -202,3 +202,26 @@ def load_task_vectors(
         base[name] = flat.clone()
         stacked[name] = torch.stack(rows)
     return ResidentTaskVectors(base, stacked)
+
+
+def same_shape(
+    names: Sequence[str], base_dir: str, expert_dirs: Sequence[str]
+) -> list[str]:
+    """The names whose tensor has the base's shape in every expert (from the
+    safetensors headers): an expert that added tokens has more vocabulary rows,
+    which mergekit merges by token, not by position."""
+
+    def shapes(directory: str) -> dict[str, tuple[int, ...]]:
+        reader = CheckpointReader(directory, directory)
+        found = {}
+        for name in names:
+            shard = reader.files.get(name)
+            if shard is None or not shard.endswith(".safetensors"):
+                continue
+            with safe_open(os.path.join(directory, shard), "pt") as handle:
+                found[name] = tuple(handle.get_slice(name).get_shape())
+        return found
+
+    base = shapes(base_dir)
+    experts = [shapes(d) for d in expert_dirs]
+    return [n for n in names if n in base and all(e.get(n) == base[n] for e in experts)]

@@ -43,6 +43,12 @@ class TrainHistory:
     steps: int = 0
     step_seconds: list[float] = field(default_factory=list)  # per optimizer step
     stopped_early: bool = False
+    # prox: full-batch passes, and at the start the largest alignment gradient
+    # against the regularizer's pull (ratio < 1: the start is the optimum).
+    evaluations: int = 0
+    start_gradient: float = 0.0
+    start_pull: float = 0.0
+    start_ratio: float = 0.0
 
     @property
     def kept_alignment(self) -> float:
@@ -74,7 +80,7 @@ def search_init(
 
 
 def make_scheduler(optimizer, config: CalibrationConfig, total_steps: int):
-    eta_min = 0.1 * config.lr
+    eta_min = 0.1 * config.step
     if config.schedule == "cosine_restarts":
         return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
             optimizer, T_0=50, T_mult=2, eta_min=eta_min
@@ -96,8 +102,12 @@ class LoopState:
     expert_sums: list[float] = field(default_factory=list)
     expert_counts: list[int] = field(default_factory=list)
     best_epoch_loss: float = math.inf
-    stale: int = 0
+    stale: int = 0  # adamw: epochs without improvement; prox: flat steps
     done: bool = False
+    # prox: the step size, rejected trials in a row, metric updates so far
+    eta: float = 0.0
+    rejections: int = 0
+    metric_steps: int = 0
     history: TrainHistory = field(default_factory=TrainHistory)
 
     def to_json(self) -> dict:
@@ -147,7 +157,7 @@ def train_coefficients(
     optimizer = scheduler = None
     if params:
         optimizer = torch.optim.AdamW(
-            params, lr=config.lr, weight_decay=config.weight_decay
+            params, lr=config.step, weight_decay=config.weight_decay
         )
         scheduler = make_scheduler(optimizer, config, steps_per_epoch * config.epochs)
     rng = random.Random(config.seed)
@@ -234,7 +244,7 @@ def _step(
             f"sample {objective.cache.samples[index].record.where}",
         )
         # K/|batch| turns the sample mean into sum_k beta_k * mean_k.
-        beta = objective.task_weights[expert]
+        beta = objective.weights[expert]
         (beta * loss * experts / len(batch)).backward()
         tally[0] += beta * float(loss.detach()) * experts / len(batch)
         tally[1 + expert] += float(loss.detach())

@@ -50,9 +50,8 @@ def test_expert_with_added_tokens(tiny, chat_expert, tmp_path, source):
     report, coefficients, merged = run.report, run.coefficients, run.model
     # Calibration happened, on the shared vocabulary (finite, lower, moved).
     stage1 = report["stage1"]
-    assert (
-        stage1["kept_epoch"] == 2 and stage1["objective"][-1] < stage1["objective"][0]
-    )
+    assert stage1["kept_epoch"] == len(stage1["objective"]) - 1 > 0
+    assert stage1["objective"][-1] < stage1["objective"][0]
     assert all(torch.isfinite(torch.tensor(stage1["objective"])))
     assert any((a - 0.3).abs().max() > 1e-3 for a in coefficients.values())
     # Calibrated weights: base + sum_k alpha_k tau_k, by hand.

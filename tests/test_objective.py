@@ -44,12 +44,29 @@ def test_hidden_loss_is_element_mean_squared_error_averaged_over_layers():
     )
 
 
-def test_regularizer_normalizes_by_slots_per_expert():
+def test_regularizer_is_the_paper_r_for_one_coefficient_per_weight():
+    alphas = {"w1": torch.tensor([[0.5], [0.1]]), "w2": torch.tensor([[0.3], [0.6]])}
+    init = [0.3, 0.2]
+    # expert 0: |0.5-0.3| + |0.3-0.3| = 0.2; expert 1: |0.1-0.2| + |0.6-0.2| = 0.5
+    # R = (0.2 + 0.5) / (2 weights per expert)
+    assert math.isclose(float(regularizer(alphas, init)), 0.7 / 2, rel_tol=1e-6)
+
+
+def test_regularizer_weighs_chunks_by_their_share_of_the_tensor():
     alphas = {
         "w1": torch.tensor([[0.5], [0.1]]),
-        "w2": torch.tensor([[0.3, 0.2, 0.4], [0.0, 0.2, 0.6]]),
+        "w2": torch.tensor([[0.3, 0.2, 0.4], [0.0, 0.2, 0.6]]),  # 7 elements: 3, 3, 1
     }
+    shares = {"w1": torch.tensor([1.0]), "w2": torch.tensor([3 / 7, 3 / 7, 1 / 7])}
+    fixed = {"w3": torch.tensor([[0.9], [0.2]])}  # untrained: a constant term
     init = [0.3, 0.2]
-    # expert 0: |0.5-0.3| + |0.3-0.3| + |0.2-0.3| + |0.4-0.3| = 0.4
-    # expert 1: |0.1-0.2| + |0.0-0.2| + |0.2-0.2| + |0.6-0.2| = 0.7; 4 slots per expert
-    assert math.isclose(float(regularizer(alphas, init)), (0.4 + 0.7) / 4, rel_tol=1e-6)
+    # expert 0: 0.2 + (3*0 + 3*0.1 + 1*0.1)/7 + |0.9-0.3| = 0.2 + 0.4/7 + 0.6
+    # expert 1: 0.1 + (3*0.2 + 3*0 + 1*0.4)/7 + 0 = 0.1 + 1.0/7
+    expected = (0.2 + 0.4 / 7 + 0.6 + 0.1 + 1.0 / 7) / 3  # 3 weights
+    got = regularizer(alphas, init, shares, fixed)
+    assert math.isclose(float(got), expected, rel_tol=1e-6)
+    # Splitting a weight into chunks of equal alphas leaves R as it was.
+    split = {"w1": torch.tensor([[0.5, 0.5], [0.1, 0.1]]), "w2": alphas["w2"]}
+    shares["w1"] = torch.tensor([0.5, 0.5])
+    again = regularizer(split, init, shares, fixed)
+    assert math.isclose(float(again), expected, rel_tol=1e-6)

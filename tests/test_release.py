@@ -74,7 +74,7 @@ def test_the_model_card(tiny, published):
 
 def test_summary_line(published):
     report = published.report
-    line = published.output.strip().splitlines()[-1]
+    line = next(x for x in published.output.splitlines() if x.startswith("wrote "))
     assert line.startswith(f"wrote Expert Merging merge to {published.out}")
     assert f"{report['loss']['stage1']:.4g} (stage1)" in line
     assert re.search(r"; \d+\.\d s$", line)
