@@ -125,9 +125,10 @@ def check_output_location(out_path: str, inputs: Iterable[InputPath]) -> None:
                 relation = "lies inside"
             else:
                 continue
+            named = inp.what if inp.path in inp.what else f"{inp.what} {inp.path}"
             raise ExpertMergingError(
-                f"the {label} {shown} {relation} {inp.what} {inp.path}; the run "
-                f"replaces {shown} as a whole and would destroy it: {fix}"
+                f"the {label} {shown} {relation} {named}; the run replaces "
+                f"{shown} as a whole and would destroy it: {fix}"
             )
 
 

@@ -4,6 +4,7 @@ import math
 import os
 import random
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -68,6 +69,25 @@ def test_hand_worked_importance_and_allocation():
         assert allocation.chunks == expected, (budget, kappa)
         assert allocation.budget == big_b
 
+    # Largest remainder: the floors above, plus one chunk for each of the
+    # round(B) - sum(floors) weights with the largest fractional parts:
+    #   budget 2, kappa 1.2: floors 1, 2, 1 (4 of 6); remainders .722, .664,
+    #     .614, so A and B get one more: 2, 3, 1
+    #   budget 1, kappa 1: floors 0, 1, 0 (1 of 3); remainders .886, .275,
+    #     .839: A and C: 1, 1, 1
+    #   budget 3, kappa 2: floors 2, 4, 2 (8 of 9); remainders .269, .695,
+    #     .036: B: 2, 5, 2 (8 elements in 5 chunks: torch.chunk gives 4 of 2)
+    largest = {
+        (2.0, 1.2): {"A": 2, "B": 3, "C": 1},
+        (1.0, 1.0): {"A": 1, "B": 1, "C": 1},
+        (3.0, 2.0): {"A": 2, "B": 4, "C": 2},
+    }
+    for (budget, kappa), expected in largest.items():
+        allocation = allocate_chunks(
+            importance, numel, budget, kappa, "largest_remainder"
+        )
+        assert allocation.chunks == expected, (budget, kappa)
+
 
 def test_kappa_zero_gives_one_chunk_each():
     numel = {f"w{i}": 10 + i for i in range(14)}
@@ -126,6 +146,12 @@ def test_pp_end_to_end_chunkwise_task_arithmetic(tiny, tmp_path):
     # and keeps minimizing the same objective, so it never ends above its start.
     stage2 = report["stage2"]
     assert stage2["alignment_loss"][0] == report["loss"]["stage1"]
+    # ... and at stage 1's objective value: R weighs each chunk by its share of
+    # the tensor and counts the fixed (0-chunk) weights, so splitting is free.
+    stage1 = report["stage1"]
+    assert stage2["objective"][0] == pytest.approx(
+        stage1["objective"][stage1["kept_epoch"]], rel=1e-6
+    )
     assert stage2["objective"][stage2["kept_epoch"]] == min(stage2["objective"])
     assert min(stage2["objective"]) <= stage2["objective"][0]
     assert report["loss"]["stage2"] == stage2["alignment_loss"][stage2["kept_epoch"]]
