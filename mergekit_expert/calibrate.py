@@ -130,6 +130,7 @@ def calibrate(
             base=str(plan.base),
             experts=names,
             init=state.init,
+            at_init=sorted(student.frozen),
         ),
         settings=settings,
         task_weights=task_weights,

@@ -81,6 +81,9 @@ class CoefficientArtifact:
     base: str
     experts: Sequence[str]
     init: Sequence[float]
+    # Weights merged at the initial alphas and never calibrated (``excluded:
+    # init``): written like the others, left out of summaries and the heatmap.
+    at_init: Sequence[str] = ()
 
     def __post_init__(self):
         k = len(self.experts)
@@ -108,6 +111,7 @@ class CoefficientArtifact:
                 "base": self.base,
                 "experts": json.dumps(list(self.experts)),
                 "init": json.dumps([float(x) for x in self.init]),
+                "at_init": json.dumps(sorted(self.at_init)),
             },
         )
 
@@ -143,9 +147,10 @@ class CoefficientArtifact:
                 f"belongs to one of {list(METHOD_NAMES)}"
             )
         try:
-            experts, init = (
+            experts, init, at_init = (
                 json.loads(metadata["experts"]),
                 json.loads(metadata["init"]),
+                json.loads(metadata.get("at_init", "[]")),
             )
         except ValueError as error:
             raise ValueError(f"{path!r} has unreadable metadata ({error})") from None
@@ -157,7 +162,15 @@ class CoefficientArtifact:
             base=metadata["base"],
             experts=experts,
             init=init,
+            at_init=[n for n in at_init if n in tensors]
+            if isinstance(at_init, list)
+            else [],
         )
+
+    def calibrated(self) -> dict[str, torch.Tensor]:
+        """The coefficients calibration trained (all but ``at_init``)."""
+        skip = set(self.at_init)
+        return {n: a for n, a in self.coefficients.items() if n not in skip}
 
 
 def _check_matrix(path: str, name: str, value: torch.Tensor, method: str) -> None:

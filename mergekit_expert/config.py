@@ -74,9 +74,10 @@ class CalibrationConfig(BaseModel):
     max_length: int = Field(512, ge=2)
     max_new_tokens: int = Field(64, ge=1)
     exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDE))
-    # What the weights ``exclude`` matches hold: the base's values (the paper),
-    # or task arithmetic at the initial alpha (merged, never trained).
-    excluded: Literal["base", "init"] = "base"
+    # What the weights ``exclude`` matches hold: task arithmetic at the initial
+    # alpha (merged, never trained; the default, README "Differences from the
+    # paper"), or the base's values (the paper).
+    excluded: Literal["base", "init"] = "init"
     seed: int = 0
     sane_range: tuple[float, float] = (-1.0, 2.0)
     task_vectors: Literal["auto", "resident", "streamed"] = "auto"

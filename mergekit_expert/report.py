@@ -36,7 +36,7 @@ def build_report(
 ) -> dict[str, Any]:
     """report.json: the calibration's measurements, or (merging from an
     artifact) where the coefficients came from."""
-    alphas = artifact.coefficients
+    alphas = artifact.calibrated() or artifact.coefficients
     experts = len(artifact.experts)
     report: dict[str, Any] = {
         "format": "mergekit-expert-report/1",
@@ -61,7 +61,10 @@ def build_report(
         ]
         for k in range(experts)
     ]
-    report["coefficients"] = {name: a.tolist() for name, a in alphas.items()}
+    report["coefficients"] = {
+        name: a.tolist() for name, a in artifact.coefficients.items()
+    }
+    report["at_init"] = list(artifact.at_init)
     report["stages"] = {**(calibration.stages if calibration else {}), **stages}
     if calibration is not None:
         report["versions"] = _versions()
@@ -230,11 +233,11 @@ def write_outputs(
     chunks = None
     if artifact.method == "expert_merging_pp":
         chunks = report.get("allocation", {}).get("chunks") or {
-            name: matrix.shape[1] for name, matrix in artifact.coefficients.items()
+            name: matrix.shape[1] for name, matrix in artifact.calibrated().items()
         }
     plot_coefficients(
         os.path.join(folder, "coefficients.png"),
-        artifact.coefficients,
+        artifact.calibrated(),
         short_labels(artifact.experts),
         f"{report['method_pretty_name']}: learned coefficients",
         chunks=chunks,

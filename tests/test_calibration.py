@@ -1,5 +1,6 @@
 """The automatic initial alpha against an independent task-arithmetic evaluation."""
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -8,8 +9,14 @@ from mergekit_expert.testing.cli import run_document
 from mergekit_expert.testing.tiny import TINY_CORPUS as CORPUS
 
 
-def naive_alignment(base_dir, expert_dirs, texts, task_weights, alpha, layer):
-    """sum_k beta_k mean_i [KL(expert_k || TA(alpha)) + MSE(hidden)] with plain HF models."""
+def naive_alignment(
+    base_dir, expert_dirs, texts, task_weights, alpha, layer, excluded="init"
+):
+    """sum_k beta_k mean_i [KL(expert_k || TA(alpha)) + MSE(hidden)] with plain HF models.
+
+    TA(alpha) merges the projections, and every other tensor too when the
+    excluded ones hold task arithmetic at the initial alpha (``excluded: init``).
+    """
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     experts = [
@@ -19,7 +26,7 @@ def naive_alignment(base_dir, expert_dirs, texts, task_weights, alpha, layer):
     merged_state = {}
     base_state = base.state_dict()
     for name, tensor in base_state.items():
-        if name.endswith("proj.weight"):
+        if name.endswith("proj.weight") or excluded == "init":
             merged_state[name] = tensor + alpha * sum(
                 e.state_dict()[name] - tensor for e in experts
             )
@@ -51,7 +58,8 @@ def naive_alignment(base_dir, expert_dirs, texts, task_weights, alpha, layer):
     return total
 
 
-def test_auto_init_picks_the_best_task_arithmetic_alpha(tiny, tmp_path):
+@pytest.mark.parametrize("excluded", ["init", "base"])
+def test_auto_init_picks_the_best_task_arithmetic_alpha(tiny, tmp_path, excluded):
     texts = [[CORPUS[0], CORPUS[3]], [CORPUS[2], CORPUS[1]]]
     files = [
         write_jsonl(str(tmp_path / f"{k}.jsonl"), [{"text": t} for t in group])
@@ -71,6 +79,7 @@ def test_auto_init_picks_the_best_task_arithmetic_alpha(tiny, tmp_path):
             "samples_per_expert": 2,
             "epochs": 1,
             "init_grid": [0.2, 0.5, 0.9],
+            "excluded": excluded,
         },
     }
     report = run_document(tmp_path, document, out=tmp_path / "out").report
@@ -78,7 +87,13 @@ def test_auto_init_picks_the_best_task_arithmetic_alpha(tiny, tmp_path):
     assert [point["alpha"] for point in curve] == [0.2, 0.5, 0.9]
     for point in curve:
         expected = naive_alignment(
-            tiny.base, tiny.experts, texts, [1.0, 1.5], point["alpha"], layer=1
+            tiny.base,
+            tiny.experts,
+            texts,
+            [1.0, 1.5],
+            point["alpha"],
+            layer=1,
+            excluded=excluded,
         )
         assert abs(point["loss"] - expected) < 1e-4 * max(1.0, expected), (
             point,

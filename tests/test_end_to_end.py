@@ -59,10 +59,18 @@ def test_output_equals_task_arithmetic_from_artifact(tiny, calibrated):
     adapter = lora_delta(tiny.lora.split("+")[1])
     assert adapter, "the LoRA adapter must target some weights"
     merged = read_model(out)
-    # Only the block projections are calibrated; norms and embeddings stay base.
+    # Only the block projections are calibrated; norms and embeddings are
+    # merged at the initial alpha (excluded: init, the default).
     expected = expected_model(tiny.base, experts, coefficients)
     assert set(merged) == set(expected)
-    assert set(coefficients) == {n for n in expected if n.endswith("proj.weight")}
+    trained = {n for n in expected if n.endswith("proj.weight")}
+    at_init = set(json.loads(metadata["at_init"]))
+    assert at_init == set(expected) - trained
+    assert set(coefficients) == set(expected)
+    for name in at_init:
+        torch.testing.assert_close(
+            coefficients[name], torch.full((3, 1), 0.3), rtol=0, atol=1e-7
+        )
     for name, tensor in merged.items():
         if name in coefficients:
             matrix = coefficients[name]
@@ -71,7 +79,7 @@ def test_output_equals_task_arithmetic_from_artifact(tiny, calibrated):
             tensor.double(), expected[name], rtol=1e-5, atol=1e-6
         )
     # Training moved the coefficients away from the init.
-    assert any((m - 0.3).abs().max() > 1e-3 for m in coefficients.values())
+    assert any((coefficients[n] - 0.3).abs().max() > 1e-3 for n in trained)
 
 
 def test_report_png_and_model_card(tiny, calibrated):
@@ -95,7 +103,12 @@ def test_report_png_and_model_card(tiny, calibrated):
     card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
     assert "## Expert Merging (mergekit-expert)" in card
     artifact = read_coefficients(out)
-    mean_first = float(torch.cat([m[0] for m in artifact.values()]).mean())
+    # The summary covers the calibrated projections, not the weights at init.
+    mean_first = float(
+        torch.cat(
+            [m[0] for n, m in artifact.items() if n.endswith("proj.weight")]
+        ).mean()
+    )
     assert abs(report["mean_alpha"][0] - mean_first) < 1e-6
 
 

@@ -136,8 +136,12 @@ def test_pp_end_to_end_chunkwise_task_arithmetic(tiny, tmp_path):
     merged = read_model(out)
     expected = expected_model(tiny.base, [*tiny.experts, tiny.lora], coefficients)
     assert set(merged) == set(expected)
+    at_init = set(report["at_init"])  # merged at init, one chunk, not allocated
+    assert set(chunks) == set(coefficients) - at_init
     for name, tensor in merged.items():
-        if name in coefficients:
+        if name in at_init:
+            assert coefficients[name].shape[1] == 1
+        elif name in coefficients:
             assert coefficients[name].shape[1] == max(chunks[name], 1)
         torch.testing.assert_close(
             tensor.double(), expected[name], rtol=1e-5, atol=1e-6
@@ -155,7 +159,7 @@ def test_pp_end_to_end_chunkwise_task_arithmetic(tiny, tmp_path):
     assert stage2["objective"][stage2["kept_epoch"]] == min(stage2["objective"])
     assert min(stage2["objective"]) <= stage2["objective"][0]
     assert report["loss"]["stage2"] == stage2["alignment_loss"][stage2["kept_epoch"]]
-    assert set(report["allocation"]["importance"]) == set(coefficients)
+    assert set(report["allocation"]["importance"]) == set(coefficients) - at_init
 
 
 def test_kappa_zero_stage2_reproduces_stage1(tiny, tmp_path):

@@ -267,13 +267,20 @@ def test_vl_end_to_end(request, tmp_path, setup, method):
     run = run_document(tmp_path, vl_config(tiny_vl, method))
     out = str(run.out)
     alphas = run.coefficients
-    # By default only the language model's projections are calibrated.
+    # By default only the language model's projections are calibrated; the
+    # other weights (vision tower, projector, embeddings, norms, biases) are
+    # merged at the initial alpha.
     expected_names = {
         f"model.layers.{i}.{p}.weight"
         for i in range(TEXT_LAYERS)
         for p in LM_PROJECTIONS
     }
-    assert set(alphas) == expected_names
+    at_init = set(run.report["at_init"])
+    assert set(alphas) - at_init == expected_names
+    assert any(name.startswith("visual.") for name in at_init)
+    init = run.report["init"]
+    for name in at_init:
+        assert alphas[name].reshape(-1).tolist() == pytest.approx(init, abs=1e-7)
 
     base = load_file(os.path.join(tiny_vl.base, "model.safetensors"))
     experts = [load_file(os.path.join(e, "model.safetensors")) for e in tiny_vl.experts]
@@ -283,7 +290,7 @@ def test_vl_end_to_end(request, tmp_path, setup, method):
         if name in alphas:
             expected = hand_merge(base[name], [e[name] for e in experts], alphas[name])
             torch.testing.assert_close(tensor.double(), expected, rtol=1e-5, atol=1e-6)
-        else:  # vision tower, projector, embeddings, norms, biases: the base's
+        else:  # no coefficients (e.g. an integer buffer): the base's
             torch.testing.assert_close(tensor, base[name], rtol=0, atol=0)
     assert any(name.startswith("visual.") for name in merged)
     assert not torch.equal(
@@ -301,7 +308,7 @@ def test_vl_end_to_end(request, tmp_path, setup, method):
     )
     torch.testing.assert_close(
         model.model.visual.blocks[0].attn.qkv.weight,
-        base["visual.blocks.0.attn.qkv.weight"],
+        merged["visual.blocks.0.attn.qkv.weight"],
         rtol=0,
         atol=0,
     )
