@@ -1267,6 +1267,9 @@ def main() -> int:
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--name", default="quality")
     parser.add_argument(
+        "--threads", type=int, default=2, help="torch threads (the machine's 2 cores)"
+    )
+    parser.add_argument(
         "--smoke", action="store_true", help="tiny training, to check the script runs"
     )
     parser.add_argument(
@@ -1280,7 +1283,7 @@ def main() -> int:
     if args.replot:
         write_report(load_result(path), args.results, args.name)
         return 0
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     from transformers.utils import logging as hf_logging
 

@@ -210,6 +210,7 @@ class WorkDir:
     def open(self) -> None:
         """Create or reuse the directory under an exclusive lock; discard stale state."""
         self.check_ours()
+        created = not os.path.lexists(self.path)
         try:
             os.makedirs(self.path, exist_ok=True)
             self._lock()
@@ -217,6 +218,10 @@ class WorkDir:
             raise os_error(
                 error, f"cannot create the working directory {self.path}"
             ) from None
+        except ExpertMergingError:
+            if created:  # a refused run leaves nothing behind
+                shutil.rmtree(self.path, ignore_errors=True)
+            raise
         marker = self.file(MARKER)
         previous = None
         if os.path.exists(marker):
@@ -254,7 +259,11 @@ class WorkDir:
                 holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
                 os.close(fd)
                 if error.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-                    raise
+                    raise ExpertMergingError(
+                        f"cannot lock {self.file(LOCK)} ({error.strerror}); this "
+                        "filesystem does not support the lock that keeps two runs "
+                        "apart: put OUT on a local filesystem"
+                    ) from None
                 raise ExpertMergingError(
                     f"another mergekit-expert run (pid {holder}) is writing "
                     f"{self.out_path}: it holds {self.file(LOCK)}. Wait for it to "

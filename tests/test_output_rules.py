@@ -445,3 +445,20 @@ def test_cuda_without_cuda(project):
         pytest.skip("this machine has CUDA")
     output = refused(project, "merged", "--cuda")
     assert "sees no CUDA GPU" in output
+
+
+def test_filesystem_without_locks_is_refused(project, monkeypatch):
+    import errno
+
+    from mergekit_expert import output
+
+    def no_locks(fd, operation):  # what flock does on some network mounts
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(output.fcntl, "flock", no_locks)
+    before = digest(project)
+    result = invoke("merge.yml", "merged")
+    assert result.exit_code != 0 and "Error:" in result.output
+    assert "does not support the lock" in result.output, result.output
+    assert "local filesystem" in result.output
+    assert digest(project) == before, "a refused run must not write or remove anything"
