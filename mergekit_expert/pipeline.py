@@ -20,6 +20,7 @@ from mergekit.options import MergeOptions
 from pydantic import ValidationError
 
 from .calibrate import calibrate
+from .card import reproduce_config
 from .coefficients import ARTIFACT_NAME
 from .compat import fix_model_card_offline
 from .config import parse_plan
@@ -31,7 +32,6 @@ from .output import InputPath, WorkDir, check_output_location, check_replaceable
 from .preflight import check_device, preflight
 from .report import (
     build_report,
-    reproduce_config,
     save_calibration_config,
     summary_line,
     write_outputs,

@@ -1,5 +1,5 @@
-"""What a merge leaves in ``OUT/expert_merging/``: the artifact, report.json,
-the coefficient heatmap, and the model card's section."""
+"""What a merge leaves in ``OUT/expert_merging/``: the artifact, report.json
+(built in one place), the heatmap and the model card's section (``card``)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .card import card_section, plot_coefficients, short_labels, without_local_paths
 from .coefficients import ARTIFACT_DIR, ARTIFACT_NAME, CoefficientArtifact
 
 if TYPE_CHECKING:
@@ -252,33 +252,6 @@ def write_outputs(
             )
 
 
-def reproduce_config(document: Mapping[str, Any]) -> str:
-    """The merge config that reproduces this merge from its artifact alone: the
-    config as written, without calibration data, reading the coefficients the
-    output holds (a path relative to the model directory)."""
-    reproduce = {k: v for k, v in document.items() if k != "calibration"}
-    reproduce["parameters"] = {
-        **(document.get("parameters") or {}),
-        "coefficients": f"{ARTIFACT_DIR}/{ARTIFACT_NAME}",
-    }
-    models = []
-    for entry in document.get("models") or []:
-        entry = dict(entry)
-        parameters = {
-            k: v
-            for k, v in (entry.get("parameters") or {}).items()
-            if k not in ("calibration", "task_weight")
-        }
-        entry.pop("parameters", None)
-        if parameters:
-            entry["parameters"] = parameters
-        models.append(entry)
-    reproduce["models"] = models
-    import yaml
-
-    return yaml.safe_dump(reproduce, sort_keys=False)
-
-
 def save_calibration_config(out_path: str, config_source: str) -> None:
     """The config the coefficients were calibrated with, kept beside them."""
     path = os.path.join(out_path, ARTIFACT_DIR, CALIBRATION_CONFIG)
@@ -306,47 +279,6 @@ def summary_line(out_path: str, report: Mapping[str, Any]) -> str:
     return line
 
 
-def short_labels(references: Sequence[str]) -> list[str]:
-    """Distinct short names: the fewest trailing path parts that tell each apart
-    (``math/checkpoint-500`` and ``code/checkpoint-500``, not twice the last)."""
-    parts = [
-        [p for p in ref.replace("\\", "/").rstrip("/").split("/") if p] or [ref]
-        for ref in references
-    ]
-    depth = 1
-    while True:
-        labels = ["/".join(p[-depth:]) for p in parts]
-        if len(set(labels)) == len(labels) or all(depth >= len(p) for p in parts):
-            return labels
-        depth += 1
-
-
-def without_local_paths(text: str, references: Sequence[str]) -> str:
-    """``text`` with every absolute local path among ``references`` (and their
-    ``base+adapter`` parts) replaced by its short name: a published card names
-    models, not the directories of the machine that merged them."""
-    paths = {
-        part
-        for ref in references
-        for part in str(ref).split("+")
-        if os.path.isabs(part)
-    }
-    ordered = sorted(paths, key=len, reverse=True)
-    for path, label in zip(ordered, short_labels(ordered)):
-        text = text.replace(path, label)
-    return text
-
-
-BLOCK_PATTERN = re.compile(r"layers\.(\d+)\.(.+?)(?:\.weight)?$")
-
-
-def _block_and_projection(name: str) -> tuple[int | None, str]:
-    match = BLOCK_PATTERN.search(name)
-    if match is None:
-        return None, name
-    return int(match.group(1)), match.group(2)
-
-
 def finite_json(value):
     """``value`` with every NaN or infinity replaced by None (strict JSON has neither)."""
     if isinstance(value, float):
@@ -361,162 +293,3 @@ def finite_json(value):
 def write_json(path: str, report: Mapping) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(finite_json(report), handle, indent=2, allow_nan=False)
-
-
-def _grid(
-    values: Mapping[tuple[int, str], float],
-) -> tuple[list[int], list[str], torch.Tensor]:
-    """Rows (blocks), columns and a NaN-padded grid from {(block, column): value}."""
-    rows = sorted({block for block, _ in values})
-    columns: list[str] = []
-    for _, column in values:
-        if column not in columns:
-            columns.append(column)
-    grid = torch.full((max(len(rows), 1), max(len(columns), 1)), float("nan"))
-    for (block, column), value in values.items():
-        grid[rows.index(block), columns.index(column)] = value
-    return rows, columns, grid
-
-
-def heatmap_cells(
-    coefficients: Mapping[str, torch.Tensor],
-    experts: Sequence[str],
-    chunks: Mapping[str, int] | None = None,
-) -> tuple[dict[tuple[int, str], float], dict[tuple[int, str], float]]:
-    """{(block, "projection\\nexpert"): mean alpha} and {(block, projection):
-    chunk count}; ``experts`` are the column labels, distinct per expert."""
-    alpha_cells, chunk_cells = {}, {}
-    for name, matrix in coefficients.items():
-        block, projection = _block_and_projection(name)
-        if block is None:
-            continue
-        label = projection.split(".")[-1]
-        for k in range(matrix.shape[0]):
-            alpha_cells[(block, f"{label}\n{experts[k]}")] = float(
-                matrix[k].float().mean()
-            )
-        if chunks is not None:
-            chunk_cells[(block, label)] = float(chunks.get(name, matrix.shape[1]))
-    return alpha_cells, chunk_cells
-
-
-def plot_coefficients(
-    path: str,
-    coefficients: Mapping[str, torch.Tensor],
-    experts: Sequence[str],
-    title: str,
-    chunks: Mapping[str, int] | None = None,
-) -> None:
-    """Heatmap of mean alpha per weight (rows blocks, columns projection x expert),
-    and for Expert Merging++ a second panel with the chunk allocation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    alpha_cells, chunk_cells = heatmap_cells(coefficients, experts, chunks)
-    panels = [(alpha_cells, "alpha (mean over chunks)", title, "viridis")]
-    if chunks is not None:
-        panels.append((chunk_cells, "chunks (0 = fixed)", "Chunk allocation", "magma"))
-    rows, columns, _ = _grid(alpha_cells) if alpha_cells else ([], [], None)
-    width = max(6.0, 0.35 * len(columns) + 3) + (4.0 if chunks is not None else 0.0)
-    height = max(3.0, 0.3 * len(rows) + 2)
-    ratios = [max(len(columns), 1)] + (
-        [max(len(columns), 1) // 2 + 2] if chunks is not None else []
-    )
-    figure, axes = plt.subplots(
-        1,
-        len(panels),
-        figsize=(width, height),
-        squeeze=False,
-        gridspec_kw={"width_ratios": ratios},
-    )
-    for axis, (cells, label, panel_title, cmap) in zip(axes[0], panels):
-        rows, columns, grid = _grid(cells) if cells else ([], [], torch.zeros(1, 1))
-        image = axis.imshow(grid.numpy(), aspect="auto", cmap=cmap)
-        axis.set_yticks(range(len(rows)), [f"block {b}" for b in rows])
-        axis.set_xticks(range(len(columns)), columns, rotation=90, fontsize=7)
-        axis.set_title(panel_title)
-        figure.colorbar(image, ax=axis, label=label)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-def card_section(report: Mapping) -> str:
-    """Markdown appended to the model card mergekit writes."""
-    experts = report["experts"]
-    labels = short_labels(experts)
-    init = report["init"]
-    lines = [
-        "",
-        f"## {report['method_pretty_name']} (mergekit-expert)",
-        "",
-        "The task-vector coefficients of this merge were learned by aligning the "
-        "merged model's logits and hidden states with each expert on a few "
-        "unlabeled calibration samples of its own domain "
-        "([Expert Merging](https://arxiv.org/abs/2509.25712)).",
-        "",
-        "| expert | initial alpha | learned alpha: min / mean / max | calibration samples |",
-        "|---|---|---|---|",
-    ]
-    for k, label in enumerate(labels):
-        low, high = report["alpha_range"][k]
-        lines.append(
-            f"| {label} | {init[k]:.3f} | {low:.3f} / {report['mean_alpha'][k]:.3f} / "
-            f"{high:.3f} | {report['samples_per_expert'][k]} |"
-        )
-    lines += ["", loss_sentence(report), ""]
-    lines += [
-        "![learned coefficients](expert_merging/coefficients.png)",
-        "",
-        "### Reproduce",
-        "",
-        "`mergekit_config.yml` reproduces this merge from its coefficients "
-        "(`expert_merging/coefficients.safetensors`, one [experts, chunks] float32 "
-        "tensor per weight; weights not listed are the base's), without the "
-        "calibration data:",
-        "",
-        "```",
-        "pip install mergekit-expert",
-        "mergekit-expert mergekit_config.yml ./merged   # or mergekit-yaml, from this folder",
-        "```",
-        "",
-        "The coefficients path is relative to the config's folder. "
-        + (
-            "`mergekit-expert export expert_merging/coefficients.safetensors -o "
-            "task_arithmetic.yml` writes an equivalent stock mergekit config "
-            "(no plugin needed). "
-            if report["method"] == "expert_merging"
-            else ""
-        )
-        + "The calibration settings are in `expert_merging/calibration_config.yml`, "
-        "the full record in `expert_merging/report.json`.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def loss_sentence(report: Mapping) -> str:
-    """How calibration changed the alignment loss, in words."""
-    loss = report.get("loss")
-    if not loss:
-        return (
-            "These coefficients were read from an existing artifact "
-            "(no calibration in this run)."
-        )
-    start = loss["task_arithmetic_init"]
-    alpha = ", ".join(f"{a:.2f}" for a in sorted(set(report["init"])))
-    words = [
-        f"Calibration alignment loss: {start:.4f} for task arithmetic at alpha = {alpha}"
-    ]
-    for key, label in (("stage1", "stage 1"), ("stage2", "stage 2")):
-        if key in loss:
-            change = 100 * (loss[key] - start) / start if start else 0.0
-            words.append(f"{loss[key]:.4f} after {label} ({change:+.1f} %)")
-    sentence = ", ".join(words[:1]) + (", " if len(words) > 1 else "")
-    sentence += ", ".join(words[1:]) + "."
-    outcome = report.get("outcome", {})
-    if outcome and not outcome.get("moved", True):
-        sentence += f" **Calibration ended at its start:** {outcome['message']}"
-    return sentence

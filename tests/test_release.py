@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from mergekit_expert.report import heatmap_cells, short_labels
+from mergekit_expert.card import heatmap_cells, short_labels
 from mergekit_expert.testing.cli import invoke, read_model, run_document
 from mergekit_expert.testing.tiny import expert_config
 
