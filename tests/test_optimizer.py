@@ -200,6 +200,7 @@ def test_the_paper_recipe_is_expressible(tiny, tmp_path):
         "accumulation": 8,
         "alignment_scale": "absolute",
         "patience": 100,
+        "excluded": "base",
     }
     document = {
         "merge_method": "expert_merging",
@@ -218,3 +219,7 @@ def test_the_paper_recipe_is_expressible(tiny, tmp_path):
     # adamw: 6 samples in steps of 8 -> one optimizer step per epoch, 5 epochs.
     assert report["stage1"]["optimizer_steps"] == 5
     assert len(report["stage1"]["objective"]) == 6  # the start and every epoch
+    # excluded: base keeps embeddings, lm_head and norms at the base's values:
+    # the artifact holds the projections only.
+    assert report["at_init"] == []
+    assert all(name.endswith("proj.weight") for name in run.coefficients)

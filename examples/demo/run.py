@@ -59,10 +59,12 @@ def evaluate(path: Path, blocks: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def calibration_summary(merged: dict[str, Path]) -> str:
-    """Initial alpha and calibration alignment losses from each run's report.json."""
+    """Initial alpha, calibration alignment losses and the objective's start and
+    end (alignment + reg_weight * R) from each run's report.json."""
     lines = [
-        "| merge | initial alpha | task arithmetic at init | stage 1 | stage 2 |",
-        "|---|---|---|---|---|",
+        "| merge | initial alpha | task arithmetic at init | stage 1 | stage 2 "
+        "| objective start -> end | coefficients moved |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label, path in merged.items():
         report_path = path / "expert_merging" / "report.json"
@@ -71,9 +73,14 @@ def calibration_summary(merged: dict[str, Path]) -> str:
         report = json.loads(report_path.read_text(encoding="utf-8"))
         loss = report["loss"]
         stage2 = f"{loss['stage2']:.5f}" if "stage2" in loss else "-"
+        last = report.get("stage2") or report["stage1"]
+        start = report["stage1"]["objective"][0]
+        end = last["objective"][last["kept_epoch"]]
+        moved = report["outcome"]["moved"]
         lines.append(
             f"| {label} | {report['init'][0]:.2f} | {loss['task_arithmetic_init']:.5f} "
-            f"| {loss['stage1']:.5f} | {stage2} |"
+            f"| {loss['stage1']:.5f} | {stage2} | {start:.5f} -> {end:.5f} "
+            f"| {'yes' if moved else 'NO: ' + report['outcome']['message']} |"
         )
     return "\n".join(lines)
 
