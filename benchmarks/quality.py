@@ -847,12 +847,12 @@ SIZING = [
     "expert_merging_pp, EM: paper optimizer, EM++: paper allocation) run on "
     "every seed; the ablation rows and dare_ties on the first "
     "`--ablation-seeds`. The sizing above asked for 12 seeds; the committed run "
-    "has 8 (ablations 2), because a calibration with the proximal optimizer "
-    "costs about 4x the old AdamW loop's passes and the run had to fit the time "
-    "available: `python benchmarks/quality.py --regime lora --seeds 0 1 2 3 4 5 "
-    "6 7 --ablation-seeds 2` and, at the same time with `--threads 1`, the same "
-    "for `--regime full`. The se each comparison really reached is printed "
-    "with it.",
+    "has fewer, because a calibration with the proximal optimizer costs about "
+    "4x the old AdamW loop's passes and the run had to fit the time available: "
+    "`python benchmarks/quality.py --regime full --seeds 0 1 2 3 4 5 6 7 "
+    "--ablation-seeds 2 --threads 1` and, at the same time, `--regime lora "
+    "--seeds 0 1 2 3 4 --ablation-seeds 1 --threads 1` (each on one core). The "
+    "se each comparison really reached is printed with it.",
 ]
 
 
