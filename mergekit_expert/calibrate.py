@@ -30,9 +30,10 @@ from .output import WorkDir
 from .placement import Placement
 from .preflight import Checked
 from .prox import train_prox
+from .sources import same_shape
 from .state import CHECKPOINT, CalibrationState, LoopCheckpoint, load_state, save_state
 from .student import Student, select_weights
-from .task_vectors import CheckpointReader, load_task_vectors, same_shape
+from .task_vectors import CheckpointReader, load_task_vectors
 from .teacher import (
     TeacherCache,
     TeacherJob,
@@ -41,7 +42,6 @@ from .teacher import (
     run_teachers,
 )
 from .train import OnStep, TrainHistory, search_init, train_coefficients
-from .vocabulary import tokenizer_vocabulary, vocabulary_map
 
 LOG = logging.getLogger(__name__)
 
@@ -215,15 +215,8 @@ def teacher_pass(
             for p in (path, expert.reference.model.path, base_dir)
             if os.path.isdir(p) and has_tokenizer(p)
         )
-        mapping = None
-        if vocabulary is not None:  # added tokens: compare on the shared ones
-            trust = placement.trust_remote_code
-            mapping = vocabulary_map(
-                tokenizer_vocabulary(base_dir, trust),
-                tokenizer_vocabulary(tokenizers[0], trust),
-                vocabulary.base_size,
-                vocabulary.expert_size,
-            )
+        # added tokens: compare on the shared ones (mapped in preflight)
+        mapping = vocabulary.mapping if vocabulary is not None else None
         experts.append(TeacherModel(expert.name, path, tokenizers, mapping))
     job = TeacherJob(
         placement=placement,

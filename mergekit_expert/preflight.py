@@ -26,7 +26,13 @@ from .methods import load_artifact_cached
 from .multimodal import has_processor, is_multimodal, load_processor
 from .output import InputPath
 from .records import CalibrationRecord, choose_records, load_records
-from .sources import ResolvedModel, model_inputs, option_inputs, resolve_models
+from .sources import (
+    ResolvedModel,
+    header_shapes,
+    model_inputs,
+    option_inputs,
+    resolve_models,
+)
 from .student import check_hidden_layers, select_weights
 from .vocabulary import (
     VocabularyCheck,
@@ -65,37 +71,6 @@ def check_device(device: str | None) -> None:
 def _text_config(config):
     getter = getattr(config, "get_text_config", None)
     return getter() if getter else config
-
-
-def header_shapes(path: str, what: str) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes from safetensors headers; no tensor data is read."""
-    from mergekit.io import ShardedTensorIndex
-    from safetensors import safe_open
-
-    try:
-        index = ShardedTensorIndex.from_disk(path)
-    except Exception as error:
-        raise ExpertMergingError(
-            f"cannot index the weight files of {what} {path}: {error}"
-        ) from None
-    shapes = {}
-    by_file: dict[str, list[str]] = {}
-    for name, shard in index.tensor_paths.items():
-        by_file.setdefault(shard, []).append(name)
-    for shard, names in by_file.items():
-        full = os.path.join(path, shard)
-        if not full.endswith(".safetensors"):
-            return {}
-        try:
-            with safe_open(full, framework="pt") as handle:
-                for name in names:
-                    shapes[name] = tuple(handle.get_slice(name).get_shape())
-        except Exception as error:
-            raise ExpertMergingError(
-                f"{what}: {full} does not hold the tensors its index lists ({error}); "
-                "download or save the model again"
-            ) from None
-    return shapes
 
 
 def preflight(

@@ -166,3 +166,45 @@ def option_inputs(options: MergeOptions) -> list[InputPath]:
         if path and os.path.exists(path):
             found.append(InputPath(path, what))
     return found
+
+
+def header_shapes(path: str, what: str) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from safetensors headers; no tensor data is read."""
+    from mergekit.io import ShardedTensorIndex
+    from safetensors import safe_open
+
+    try:
+        index = ShardedTensorIndex.from_disk(path)
+    except Exception as error:
+        raise ExpertMergingError(
+            f"cannot index the weight files of {what} {path}: {error}"
+        ) from None
+    shapes = {}
+    by_file: dict[str, list[str]] = {}
+    for name, shard in index.tensor_paths.items():
+        by_file.setdefault(shard, []).append(name)
+    for shard, names in by_file.items():
+        full = os.path.join(path, shard)
+        if not full.endswith(".safetensors"):
+            return {}
+        try:
+            with safe_open(full, framework="pt") as handle:
+                for name in names:
+                    shapes[name] = tuple(handle.get_slice(name).get_shape())
+        except Exception as error:
+            raise ExpertMergingError(
+                f"{what}: {full} does not hold the tensors its index lists ({error}); "
+                "download or save the model again"
+            ) from None
+    return shapes
+
+
+def same_shape(
+    names: Sequence[str], base_dir: str, expert_dirs: Sequence[str]
+) -> list[str]:
+    """The names whose tensor has the base's shape in every expert (from the
+    safetensors headers): an expert that added tokens has more vocabulary rows,
+    which mergekit merges by token, not by position."""
+    base = header_shapes(base_dir, "the base model")
+    experts = [header_shapes(d, d) for d in expert_dirs]
+    return [n for n in names if n in base and all(e.get(n) == base[n] for e in experts)]

@@ -202,26 +202,3 @@ def load_task_vectors(
         base[name] = flat.clone()
         stacked[name] = torch.stack(rows)
     return ResidentTaskVectors(base, stacked)
-
-
-def same_shape(
-    names: Sequence[str], base_dir: str, expert_dirs: Sequence[str]
-) -> list[str]:
-    """The names whose tensor has the base's shape in every expert (from the
-    safetensors headers): an expert that added tokens has more vocabulary rows,
-    which mergekit merges by token, not by position."""
-
-    def shapes(directory: str) -> dict[str, tuple[int, ...]]:
-        reader = CheckpointReader(directory, directory)
-        found = {}
-        for name in names:
-            shard = reader.files.get(name)
-            if shard is None or not shard.endswith(".safetensors"):
-                continue
-            with safe_open(os.path.join(directory, shard), "pt") as handle:
-                found[name] = tuple(handle.get_slice(name).get_shape())
-        return found
-
-    base = shapes(base_dir)
-    experts = [shapes(d) for d in expert_dirs]
-    return [n for n in names if n in base and all(e.get(n) == base[n] for e in experts)]

@@ -170,6 +170,8 @@ class VocabularyCheck:
     base_size: int
     expert_size: int
     embedding_cosine: float | None = None
+    # The expert's ids -> the base's, by token string (for the teacher pass).
+    mapping: VocabularyMap | None = None
 
     @property
     def same_rows(self) -> bool:
@@ -249,8 +251,9 @@ def check_expert_vocabulary(
             f"tokens missing, {check.moved} at other ids): expert merging needs "
             "experts fine-tuned from the same base"
         )
+    vmap = vocabulary_map(base_vocab, expert_vocab, base_size, expert_size)
+    check = replace(check, mapping=vmap)
     if base_embedding is not None and expert_embedding is not None:
-        vmap = vocabulary_map(base_vocab, expert_vocab, base_size, expert_size)
         cosine = embedding_cosine(base_embedding, expert_embedding, vmap)
         check = replace(check, embedding_cosine=cosine)
         if cosine < SAME_BASE_COSINE:
