@@ -113,6 +113,20 @@ class NaiveObjective:
         return alpha
 
 
+def noise_experts(tiny, calibration: dict) -> dict:
+    """The two base + noise experts on their calibration files, equal weights."""
+    return {
+        "merge_method": "expert_merging",
+        "base_model": tiny.base,
+        "models": [
+            {"model": path, "parameters": {"calibration": c}}
+            for path, c in zip(tiny.experts, tiny.calibration)
+        ],
+        "dtype": "float32",
+        "calibration": calibration,
+    }
+
+
 # Regularizer weights under which the start is not the optimum here (with the
 # default 0.8 these noise experts leave nothing to learn: see the next test).
 @pytest.mark.parametrize(
@@ -162,17 +176,8 @@ def test_prox_reaches_the_reference_minimum(tiny, tmp_path, scale, gamma, exclud
 
 
 def test_the_start_is_kept_and_explained_when_it_is_the_optimum(tiny, tmp_path):
-    document = {
-        "merge_method": "expert_merging",
-        "base_model": tiny.base,
-        "models": [
-            {"model": path, "parameters": {"calibration": c}}
-            for path, c in zip(tiny.experts, tiny.calibration)
-        ],
-        "dtype": "float32",
-        "calibration": {"samples_per_expert": 3, "init": INIT, "reg_weight": 1000.0},
-    }
-    run = run_document(tmp_path, document)
+    calibration = {"samples_per_expert": 3, "init": INIT, "reg_weight": 1000.0}
+    run = run_document(tmp_path, noise_experts(tiny, calibration))
     outcome = run.report["outcome"]
     assert not outcome["moved"] and outcome["max_change"] == 0.0
     for name, alpha in run.coefficients.items():
@@ -202,17 +207,7 @@ def test_the_paper_recipe_is_expressible(tiny, tmp_path):
         "patience": 100,
         "excluded": "base",
     }
-    document = {
-        "merge_method": "expert_merging",
-        "base_model": tiny.base,
-        "models": [
-            {"model": path, "parameters": {"calibration": c}}
-            for path, c in zip(tiny.experts, tiny.calibration)
-        ],
-        "dtype": "float32",
-        "calibration": recipe,
-    }
-    run = run_document(tmp_path, document)
+    run = run_document(tmp_path, noise_experts(tiny, recipe))
     report = run.report
     for key, value in recipe.items():
         assert report["calibration"][key] == value, key
