@@ -111,7 +111,9 @@ def run_expert_merge(
                 config_source=reproduce_config(document),
             )
         report = build_report(artifact, calibration, artifact_file, clock.stages)
-        write_outputs(work.staging, artifact, artifact_file, report, options)
+        write_outputs(
+            work.staging, artifact, artifact_file, report, options.write_model_card
+        )
         if calibration is not None and config_source is not None:
             save_calibration_config(work.staging, config_source)
         work.publish()

@@ -51,15 +51,10 @@ def build_report(
         report["samples_per_expert"] = ["-"] * experts
     else:
         report.update(_calibration_report(calibration))
-    report["mean_alpha"] = [
-        float(torch.cat([a[k] for a in alphas.values()]).mean()) for k in range(experts)
-    ]
+    per_expert = [torch.cat([a[k] for a in alphas.values()]) for k in range(experts)]
+    report["mean_alpha"] = [float(values.mean()) for values in per_expert]
     report["alpha_range"] = [
-        [
-            float(torch.cat([a[k].reshape(-1) for a in alphas.values()]).min()),
-            float(torch.cat([a[k].reshape(-1) for a in alphas.values()]).max()),
-        ]
-        for k in range(experts)
+        [float(values.min()), float(values.max())] for values in per_expert
     ]
     report["coefficients"] = {
         name: a.tolist() for name, a in artifact.coefficients.items()
@@ -221,7 +216,7 @@ def write_outputs(
     artifact: CoefficientArtifact,
     artifact_file: str,
     report: Mapping[str, Any],
-    options: Any,
+    model_card: bool,
 ) -> None:
     """Artifact, report, heatmap and model-card section into OUT/expert_merging."""
     folder = os.path.join(out_path, ARTIFACT_DIR)
@@ -230,20 +225,21 @@ def write_outputs(
     if os.path.abspath(artifact_file) != os.path.abspath(target):
         shutil.copyfile(artifact_file, target)
     write_json(os.path.join(folder, "report.json"), report)
+    calibrated = artifact.calibrated()
     chunks = None
     if artifact.method == "expert_merging_pp":
         chunks = report.get("allocation", {}).get("chunks") or {
-            name: matrix.shape[1] for name, matrix in artifact.calibrated().items()
+            name: matrix.shape[1] for name, matrix in calibrated.items()
         }
     plot_coefficients(
         os.path.join(folder, "coefficients.png"),
-        artifact.calibrated(),
+        calibrated,
         short_labels(artifact.experts),
         f"{report['method_pretty_name']}: learned coefficients",
         chunks=chunks,
     )
     card = os.path.join(out_path, "README.md")
-    if options.write_model_card and os.path.exists(card):
+    if model_card and os.path.exists(card):
         with open(card, encoding="utf-8") as handle:
             text = handle.read() + card_section(report)
         with open(card, "w", encoding="utf-8") as handle:
