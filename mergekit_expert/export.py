@@ -40,7 +40,8 @@ HALF_DTYPES = ("bfloat16", "float16")
 
 
 def stage1_coefficients(artifact: CoefficientArtifact) -> dict[str, list[float]]:
-    """One float per expert for each weight; refuses chunk-wise coefficients."""
+    """One float per expert for each weight; refuses chunk-wise coefficients.
+    (``CoefficientArtifact.load`` has already refused non-finite values.)"""
     values: dict[str, list[float]] = {}
     chunked = []
     for name, matrix in artifact.coefficients.items():
@@ -50,8 +51,6 @@ def stage1_coefficients(artifact: CoefficientArtifact) -> dict[str, list[float]]
         ):
             chunked.append(f"{name} (m={matrix.shape[1]})")
             continue
-        if not torch.isfinite(matrix).all():
-            raise ExpertMergingError(f"coefficients of {name} are not finite")
         values[name] = [float(x) for x in matrix[:, 0]]
     if chunked:
         shown = ", ".join(chunked[:5]) + (", ..." if len(chunked) > 5 else "")
@@ -238,9 +237,12 @@ def check_config(
         raise AssertionError(f"{len(references)} models for {k} experts")
 
 
+HEADER = "# Exported by `mergekit-expert export`"
+
+
 def to_yaml(document: Mapping[str, Any], source: str | None = None) -> str:
     header = (
-        "# Exported by `mergekit-expert export`"
+        HEADER
         + (f" from {source}" if source else "")
         + ".\n# A stock mergekit task_arithmetic config: run it with mergekit-yaml;"
         " no plugin needed.\n"
@@ -249,8 +251,29 @@ def to_yaml(document: Mapping[str, Any], source: str | None = None) -> str:
 
 
 def write_config(document: Mapping[str, Any], path: str, source: str | None = None):
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(to_yaml(document, source))
+    """Write the YAML to ``path``, replacing only a file an export wrote
+    (never the artifact or another file of the user's), all or nothing."""
+    if os.path.lexists(path) and not _exported(path):
+        raise ExpertMergingError(
+            f"{path} already exists and was not written by mergekit-expert export; "
+            "choose a new output path (or remove the file yourself)"
+        )
+    partial = f"{path}.partial"
+    try:
+        with open(partial, "w", encoding="utf-8") as handle:
+            handle.write(to_yaml(document, source))
+        os.replace(partial, path)
+    except OSError as error:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise ExpertMergingError(f"cannot write {path}: {error.strerror}") from None
+
+
+def _exported(path: str) -> bool:
+    if os.path.islink(path) or not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        return handle.readline().startswith(HEADER)
 
 
 @click.command("mergekit-expert export")
@@ -285,5 +308,8 @@ def main(artifact, output, base, experts, dtype):
         raise click.ClickException(str(error)) from None
     if output is None:
         click.echo(to_yaml(document, artifact), nl=False)
-    else:
+        return
+    try:
         write_config(document, output, artifact)
+    except ExpertMergingError as error:
+        raise click.ClickException(str(error)) from None

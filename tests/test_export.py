@@ -183,6 +183,29 @@ def test_cli_writes_the_same_config(stage1, tmp_path):
     assert result.exit_code != 0 and "expert reference" in result.output
 
 
+def test_cli_never_overwrites_a_file_it_did_not_write(stage1, tmp_path):
+    _root, artifact = stage1
+    notes = tmp_path / "notes.yml"
+    notes.write_text("my own config\n")
+    before = open(artifact, "rb").read()
+    for target in (str(notes), artifact):  # a user's file, the artifact itself
+        result = CliRunner().invoke(main, [artifact, "-o", target])
+        assert result.exit_code != 0 and "Error:" in result.output, result.output
+        assert "was not written by mergekit-expert export" in result.output
+    assert notes.read_text() == "my own config\n"
+    assert open(artifact, "rb").read() == before
+    # A previous export is replaced, and the result is the fresh export.
+    out = tmp_path / "again.yml"
+    for _ in range(2):
+        result = CliRunner().invoke(main, [artifact, "-o", str(out)])
+        assert result.exit_code == 0, result.output
+    assert yaml.safe_load(out.read_text()) == export_config(artifact)
+    assert not os.path.exists(f"{out}.partial")
+    missing = tmp_path / "no" / "such" / "folder.yml"
+    result = CliRunner().invoke(main, [artifact, "-o", str(missing)])
+    assert result.exit_code != 0 and f"cannot write {missing}" in result.output
+
+
 def test_entry_point_dispatches_export(stage1, tmp_path, capsys):
     from mergekit_expert.entry import main as entry
 
