@@ -264,9 +264,15 @@ def test_vl_end_to_end(request, tmp_path, setup, method):
     from transformers import AutoModelForImageTextToText
 
     tiny_vl = request.getfixturevalue(setup)
-    run = run_document(tmp_path, vl_config(tiny_vl, method))
+    # reg_weight 0.05: at 0.8 these noise experts keep the start (the optimum).
+    run = run_document(tmp_path, vl_config(tiny_vl, method, reg_weight=0.05))
     out = str(run.out)
     alphas = run.coefficients
+    # Training happened: the kept objective is below its start, alphas moved.
+    report = run.report
+    stage = report.get("stage2") or report["stage1"]
+    assert stage["objective"][stage["kept_epoch"]] < report["stage1"]["objective"][0]
+    assert report["outcome"]["moved"]
     # By default only the language model's projections are calibrated; the
     # other weights (vision tower, projector, embeddings, norms, biases) are
     # merged at the initial alpha.
