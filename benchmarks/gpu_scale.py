@@ -124,6 +124,12 @@ def summarize(out: str) -> dict:
             # The first step includes one-off warm-up (allocator, kernels).
             steady = seconds[1:] or seconds
             summary[f"{stage}_seconds_per_step"] = sum(steady) / len(steady)
+            passes = report[stage].get("pass_seconds") or []
+            if len(passes) > 1:  # the floor: forward and backward passes alone
+                summary[f"{stage}_pass_seconds"] = sum(passes[1:]) / len(passes[1:])
+                summary[f"{stage}_bytes_read_per_step"] = report[stage]["bytes_read"][
+                    -1
+                ]
     return summary
 
 
@@ -191,8 +197,8 @@ def main() -> None:
         save()
 
     # Most important first: partial results are saved after each step.
-    calibrate("expert_merging", "resident", {"init": "auto"})
-    calibrate("expert_merging", "streamed", {"init": 0.3})
+    calibrate("expert_merging", "resident", {"init": "auto", "reg_weight": 0.8})
+    calibrate("expert_merging", "streamed", {"init": 0.3, "reg_weight": 0.8})
     baseline = {
         "merge_method": "task_arithmetic",
         "base_model": paths["base"],
@@ -245,7 +251,15 @@ def main() -> None:
         wall / results["task_arithmetic_mergekit_yaml_wall_s"], 3
     )
     save()
-    calibrate("expert_merging_pp", "resident", {"init": 0.3})
+    # The task-vector tiers: a few prox steps each at a fixed regularizer (the
+    # random experts' start is the optimum with one: 0 lets every run step).
+    for tier in ("compact", "host", "streamed", "resident"):
+        calibrate(
+            "expert_merging",
+            f"{tier}",
+            {"init": 0.3, "reg_weight": 0.0, "max_steps": 5},
+        )
+    calibrate("expert_merging_pp", "resident", {"init": 0.3, "reg_weight": 0.8})
     results["total_s"] = round(time.perf_counter() - started, 1)
     save()
     print(json.dumps(results, indent=2))

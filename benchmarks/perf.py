@@ -162,6 +162,17 @@ def fresh_dir(path: Path) -> Path:
 # --------------------------------------------------------------------------
 
 
+def measured_run(config: Path, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``mergekit-expert CONFIG OUT`` measured with per-stage peaks; its report."""
+    record = measured(
+        [*scale.cli_command(), str(config), str(out), "--quiet"],
+        out.parent / "measured.json",
+        {STAGE_PEAKS: "1"},
+    )
+    report = json.loads((out / "expert_merging" / "report.json").read_text())
+    return record, report
+
+
 def stage_run(layout: Layout, mode: str) -> dict[str, Any]:
     """One calibrate-and-write run of ``mode``; stages, steps, losses, process peak.
 
@@ -172,12 +183,7 @@ def stage_run(layout: Layout, mode: str) -> dict[str, Any]:
     config = run_dir / "merge.yml"
     write_expert_config(config, layout, mode)
     out = run_dir / "merged"
-    record = measured(
-        [*scale.cli_command(), str(config), str(out), "--quiet"],
-        run_dir / "measured.json",
-        {STAGE_PEAKS: "1"},
-    )
-    report = json.loads((out / "expert_merging" / "report.json").read_text())
+    record, report = measured_run(config, out)
     shutil.copyfile(out / "expert_merging" / "report.json", run_dir / "report.json")
     artifact = run_dir / "coefficients.safetensors"
     shutil.copyfile(out / "expert_merging" / "coefficients.safetensors", artifact)
@@ -214,6 +220,110 @@ def stage_run(layout: Layout, mode: str) -> dict[str, Any]:
     for entry in record["training"].values():
         entry["mean_step_s"] = round(statistics.mean(entry["step_seconds"]), 4)
     return record
+
+
+# --------------------------------------------------------------------------
+# 4. Task-vector tiers
+# --------------------------------------------------------------------------
+
+# Stage 1 of expert_merging, a few prox steps, no regularizer (the random
+# experts' start is the optimum with one, and nothing would step; a fixed
+# weight also skips reg_weight: auto's path): what a step costs in each tier.
+TIER_CALIBRATION: dict[str, Any] = {
+    "samples_per_expert": 4,
+    "init": 0.3,
+    "max_length": 64,
+    "reg_weight": 0.0,
+    "max_steps": 4,
+}
+
+
+def bf16_models(layout: Layout) -> tuple[Path, list[Path], list[Path]]:
+    """bfloat16 copies of the base and the experts (what hub checkpoints are),
+    so the compact and host tiers hold half the bytes of float32."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    base, experts, data = layout.models_of()
+    home = layout.runs / "bf16"
+    copies = [home / p.name for p in (base, *experts)]
+    for source, copy in zip((base, *experts), copies):
+        if (copy / "model.safetensors").exists():
+            continue
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(source, copy, ignore=shutil.ignore_patterns("*.safetensors"))
+        tensors = load_file(source / "model.safetensors")
+        save_file(
+            {n: t.to(torch.bfloat16) for n, t in tensors.items()},
+            copy / "model.safetensors",
+            metadata={"format": "pt"},
+        )
+    return copies[0], copies[1:], data
+
+
+def tier_run(layout: Layout, tier: str) -> dict[str, Any]:
+    """One stage-1 run with ``task_vectors: tier`` on the bf16 checkpoints."""
+    base, experts, data = bf16_models(layout)
+    run_dir = fresh_dir(layout.runs / f"tier-{tier}")
+    config = run_dir / "merge.yml"
+    models = "".join(
+        f"  - model: {json.dumps(str(e))}\n"
+        f"    parameters: {{calibration: {json.dumps(str(d))}}}\n"
+        for e, d in zip(experts, data)
+    )
+    settings = {"task_vectors": tier, **TIER_CALIBRATION}
+    config.write_text(
+        "merge_method: expert_merging\n"
+        f"base_model: {json.dumps(str(base))}\n"
+        f"models:\n{models}"
+        "dtype: bfloat16\n"
+        f"calibration: {json.dumps(settings)}\n"
+    )
+    out = run_dir / "merged"
+    record, report = measured_run(config, out)
+    shutil.rmtree(out)
+    stage1 = report["stage1"]
+    assert report["task_vectors"] == tier, report["task_vectors"]
+    return {
+        "step_s": round(statistics.median(stage1["step_seconds"]), 4),
+        "pass_s": round(statistics.median(stage1["pass_seconds"]), 4),
+        "peak_rss_mib": report["stages"]["stage1"].get("stage_peak_rss_mib"),
+        "bytes_read_per_step": int(statistics.median(stage1["bytes_read"])),
+        "steps": stage1["optimizer_steps"],
+        "step_seconds": stage1["step_seconds"],
+        "objective": stage1["objective"],
+        "loadavg_1m": record["loadavg_1m"],
+    }
+
+
+def tier_runs(layout: Layout) -> dict[str, Any]:
+    """Every tier's step against the floor (the passes alone), same models."""
+    from mergekit_expert.task_vectors import TIERS
+
+    tiers = {}
+    for tier in TIERS:
+        tiers[tier] = tier_run(layout, tier)
+        entry = tiers[tier]
+        print(
+            f"tier {tier}: {entry['step_s']:.3f} s/step (passes {entry['pass_s']:.3f}), "
+            f"peak {entry['peak_rss_mib']:.0f} MiB, "
+            f"{entry['bytes_read_per_step'] / 2**20:.0f} MiB read per step",
+            flush=True,
+        )
+    floor = statistics.median(t["pass_s"] for t in tiers.values())
+    resident = tiers["resident"]["step_s"]
+    return {
+        "tiers": tiers,
+        "floor_step_s": round(floor, 4),
+        "tier_ratios": {
+            name: {
+                "vs_resident": round(t["step_s"] / resident, 3),
+                "vs_floor": round(t["step_s"] / floor, 3),
+            }
+            for name, t in tiers.items()
+        },
+        "tier_calibration": TIER_CALIBRATION,
+    }
 
 
 # --------------------------------------------------------------------------
@@ -840,6 +950,7 @@ def markdown(results: dict[str, Any]) -> str:
         + f". Naive mean α per expert after stage 1: "
         f"{', '.join(f'{a:.4f}' for a in naive['mean_alpha_stage1'])}.",
         "",
+        *tier_lines(results),
         "## Method and caveats",
         "",
         *_load_warning(results),
@@ -872,6 +983,39 @@ def markdown(results: dict[str, Any]) -> str:
         "depend on the shapes, not on what the weights encode.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def tier_lines(results: dict[str, Any]) -> list[str]:
+    """The tiers table: step, floor, memory, bytes read."""
+    tiers = results.get("tiers")
+    if not tiers:
+        return []
+    floor = results["floor_step_s"]
+    ratios = results["tier_ratios"]
+    lines = [
+        "## 4. Task-vector tiers",
+        "",
+        "Stage 1 of `expert_merging` (prox, "
+        f"`{json.dumps(results['tier_calibration'])}`) on bfloat16 copies of the "
+        "same models, once per `task_vectors` tier. Step = one prox trial (rebuild "
+        "the merged weights, forward and backward over every sample, project the "
+        "gradients), median; the floor is the forward and backward passes alone "
+        f"(median over the runs): **{floor:.3f} s**. Peak = stage 1's own peak RSS "
+        "(with the tier's tensors already loaded). Bytes read = base and task-"
+        "vector bytes the rebuild and projection fetched per step (device memory, "
+        "host memory or files). Written by "
+        f"`{results.get('tiers_command', results['command'])}`.",
+        "",
+        "| tier | s / step | × resident | × floor | stage-1 peak MiB | MiB read / step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, entry in tiers.items():
+        lines.append(
+            f"| {name} | {entry['step_s']:.3f} | {ratios[name]['vs_resident']:.2f} "
+            f"| {ratios[name]['vs_floor']:.2f} | {_fmt(entry['peak_rss_mib'], 0)} "
+            f"| {entry['bytes_read_per_step'] / 2**20:.0f} |"
+        )
+    return [*lines, ""]
 
 
 def run_all(layout: Layout, repeats: int, command: str) -> dict[str, Any]:
@@ -913,8 +1057,10 @@ def run_all(layout: Layout, repeats: int, command: str) -> dict[str, Any]:
         ),
         flush=True,
     )
+    tiers = tier_runs(layout)
     code_after = scale.code_info()
     return {
+        **tiers,
         "model": model,
         "bench_config": dataclasses.asdict(layout.bench),
         "experts_used": EXPERTS,
@@ -952,6 +1098,11 @@ def main() -> int:
         "--repeats", type=int, default=3, help="runs of each write measurement"
     )
     parser.add_argument(
+        "--tiers-only",
+        action="store_true",
+        help="only measure the task-vector tiers, into the existing perf.json",
+    )
+    parser.add_argument(
         "--markdown-only",
         action="store_true",
         help="only rewrite perf.md from an existing perf.json",
@@ -978,7 +1129,17 @@ def main() -> int:
         (layout.results / "perf.md").write_text(markdown(results))
         return 0
     command = " ".join(["python", "benchmarks/perf.py", *sys.argv[1:]])
-    results = run_all(layout, args.repeats, command)
+    if args.tiers_only:
+        scale.build_models(layout.models, layout.bench)
+        path = layout.results / "perf.json"
+        if not path.exists():
+            raise SystemExit(f"{path} is missing: run the whole benchmark first")
+        results = json.loads(path.read_text())
+        results.update(tier_runs(layout))
+        results["tiers_command"] = command
+        results["tiers_code"] = scale.code_info()
+    else:
+        results = run_all(layout, args.repeats, command)
     layout.results.mkdir(parents=True, exist_ok=True)
     (layout.results / "perf.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)

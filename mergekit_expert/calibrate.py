@@ -30,6 +30,7 @@ from .output import WorkDir
 from .placement import Placement
 from .preflight import Checked
 from .prox import train_prox
+from .selection import select_reg_weight
 from .sources import same_shape
 from .state import CHECKPOINT, CalibrationState, LoopCheckpoint, load_state, save_state
 from .student import Student, select_weights
@@ -58,6 +59,7 @@ class CalibrationResult:
     hidden_layers: list[int]
     samples_per_expert: list[int]
     init_curve: list[dict]
+    reg_selection: dict | None  # reg_weight: auto's choice and its held-out path
     stage1: TrainHistory
     stage2: TrainHistory | None
     allocation: Allocation | None
@@ -107,6 +109,15 @@ def calibrate(
         state.init = [best] * len(names)
     student.reset(state.init or plan.init_values() or [])
     state.init = list(student.init)  # the float32 alphas the raw init gives
+    if settings.reg_weight == "auto":
+        if state.reg_selection is None:
+            with clock.stage("reg_weight_selection"):
+                state.reg_selection = select_reg_weight(
+                    student, objective, settings, names, options.quiet
+                ).to_json()
+        chosen = float(state.reg_selection["reg_weight"])
+        settings = settings.model_copy(update={"reg_weight": chosen})
+        objective = replace(objective, reg_weight=chosen)
     train = _trainer(student, objective, state, work, options.quiet, names)
     if state.stage1 is None:
         with clock.stage("stage1"):
@@ -137,6 +148,7 @@ def calibrate(
         hidden_layers=list(objective.hidden_layers),
         samples_per_expert=[len(r) for r in checked.records],
         init_curve=state.init_curve,
+        reg_selection=state.reg_selection,
         stage1=state.stage1,
         stage2=stage2,
         allocation=allocation,

@@ -235,6 +235,16 @@ def loss_sentence(report: Mapping) -> str:
             words.append(f"{loss[key]:.4f} after {label} ({change:+.1f} %)")
     sentence = ", ".join(words[:1]) + (", " if len(words) > 1 else "")
     sentence += ", ".join(words[1:]) + "."
+    selection = report.get("reg_weight_selection")
+    if selection and selection.get("held_out_alignment"):
+        sentence += (
+            f" The regularizer's weight (reg_weight: auto) was {selection['reg_weight']:g}, "
+            "the value of "
+            + ", ".join(f"{g:g}" for g in selection["grid"])
+            + " with the lowest alignment loss on held-out calibration samples."
+        )
+    elif selection and selection.get("note"):
+        sentence += f" reg_weight: auto: {selection['note']}."
     outcome = report.get("outcome", {})
     if outcome and not outcome.get("moved", True):
         sentence += f" **Calibration ended at its start:** {outcome['message']}"

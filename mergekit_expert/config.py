@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
@@ -37,6 +37,9 @@ DEFAULT_EXCLUDE = (
     r"(^|\.)vision_tower\.",
 )
 INIT_GRID = tuple(round(0.1 * i, 1) for i in range(1, 11))
+PROX_LR, ADAMW_LR = 0.05, 0.5  # the default lr of each optimizer
+# reg_weight: auto's path, the paper's 0.8 down to none
+REG_GRID = (0.8, 0.2, 0.05, 0.0)
 
 
 class CalibrationConfig(BaseModel):
@@ -53,7 +56,11 @@ class CalibrationConfig(BaseModel):
         default_factory=lambda: list(INIT_GRID), min_length=1
     )
     activation: Literal["sigmoid", "identity"] = "sigmoid"
-    reg_weight: float = Field(0.8, ge=0)
+    # auto: chosen from reg_grid on held-out calibration samples (selection.py)
+    reg_weight: Literal["auto"] | Annotated[float, Field(ge=0)] = "auto"
+    reg_grid: list[Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: list(REG_GRID), min_length=2
+    )
     logit_weight: float = Field(1.0, ge=0)
     hidden_weight: float = Field(1.0, ge=0)
     hidden_layers: list[int] | None = None
@@ -80,7 +87,7 @@ class CalibrationConfig(BaseModel):
     excluded: Literal["base", "init"] = "init"
     seed: int = 0
     sane_range: tuple[float, float] = (-1.0, 2.0)
-    task_vectors: Literal["auto", "resident", "streamed"] = "auto"
+    task_vectors: Literal["auto", "resident", "compact", "host", "streamed"] = "auto"
     teacher_top_k: int | None = Field(None, ge=1)
     precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     gradient_checkpointing: bool = False
@@ -99,7 +106,7 @@ class CalibrationConfig(BaseModel):
     @model_validator(mode="after")
     def _default_lr(self) -> CalibrationConfig:
         if self.lr is None:
-            self.lr = 0.05 if self.optimizer == "prox" else 0.5
+            self.lr = PROX_LR if self.optimizer == "prox" else ADAMW_LR
         return self
 
     @property

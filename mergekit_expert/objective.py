@@ -126,7 +126,8 @@ class Objective:
             hidden_weight=config.hidden_weight,
             temperature=config.temperature,
             align=config.align,
-            reg_weight=config.reg_weight,
+            # auto: chosen later (selection.py); no stage runs before that
+            reg_weight=0.0 if config.reg_weight == "auto" else config.reg_weight,
         )
 
     @property

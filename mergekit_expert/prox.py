@@ -58,6 +58,8 @@ class Point:
     objective: float
     grads: dict[str, torch.Tensor]
     expert_loss: list[float] = field(default_factory=list)
+    pass_seconds: float = 0.0  # the forward and backward passes alone
+    bytes_read: int = 0  # base and task-vector bytes fetched (rebuild, projection)
 
 
 def train_prox(
@@ -140,6 +142,7 @@ class ProxRun:
     def evaluate(self, alphas: dict[str, torch.Tensor], step: int) -> Point:
         """F, A and dA/dalpha at ``alphas``: every sample, forward and backward."""
         student, objective = self.student, self.objective
+        bytes_before = student.task_vectors.bytes_read
         student.load_alphas(alphas)
         student.zero_grad()
         experts = objective.experts
@@ -148,6 +151,7 @@ class ProxRun:
         # per sample with that factor accumulates dA/dtheta for every weight.
         factors = [w / n for w, n in zip(objective.weights, counts)]
         sums = torch.zeros(experts, dtype=torch.float64)
+        passes = time.perf_counter()
         for index, sample in sorted(objective.cache.samples.items()):
             loss = objective.sample_loss(student, index)
             if not bool(torch.isfinite(loss.detach())):
@@ -158,6 +162,9 @@ class ProxRun:
                 )
             (loss * factors[sample.expert]).backward()
             sums[sample.expert] += float(loss.detach())
+        if student.device.type == "cuda":
+            torch.cuda.synchronize()
+        passes = time.perf_counter() - passes
         grads = student.projected_grads()
         reduced = all_reduce_sum([sums, *grads.values()])
         sums, grads = reduced[0], dict(zip(grads, reduced[1:]))
@@ -176,6 +183,8 @@ class ProxRun:
             alignment + objective.reg_weight * reg,
             grads,
             means,
+            passes,
+            student.task_vectors.bytes_read - bytes_before,
         )
 
     # --- one step ------------------------------------------------------------
@@ -195,6 +204,8 @@ class ProxRun:
                 return False, here
         trial = self.evaluate(proposal, history.steps + 1)
         history.evaluations += 1
+        history.pass_seconds.append(round(trial.pass_seconds, 4))
+        history.bytes_read.append(trial.bytes_read)
         if trial.objective < here.objective:
             move = {n: proposal[n] - here.alphas[n] for n in proposal}
             model = here.alignment + sum(

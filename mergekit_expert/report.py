@@ -81,6 +81,7 @@ def _calibration_report(result: CalibrationResult) -> dict[str, Any]:
     report: dict[str, Any] = {
         "task_weights": result.task_weights,
         "init_curve": result.init_curve,
+        "reg_weight_selection": result.reg_selection,
         "samples_per_expert": result.samples_per_expert,
         "hidden_layers": result.hidden_layers,
         "calibration": settings.model_dump(),
@@ -130,7 +131,7 @@ def why_unmoved(result: CalibrationResult) -> str:
     settings, stage1 = result.settings, result.stage1
     start = "the merge is task arithmetic at the initial alpha"
     if settings.optimizer == "prox" and stage1.start_ratio < 1:
-        gamma = settings.reg_weight
+        gamma = float(settings.reg_weight)  # the number used (auto: the chosen)
         return (
             f"{start}: at the start no coefficient's alignment gradient (largest "
             f"{stage1.start_gradient:.3g}) outweighs the regularizer's pull "
@@ -192,6 +193,8 @@ def _history(history: TrainHistory) -> dict[str, Any]:
         "start_gradient": history.start_gradient,
         "start_pull": history.start_pull,
         "start_ratio": history.start_ratio,
+        "pass_seconds": history.pass_seconds,
+        "bytes_read": history.bytes_read,
     }
 
 
@@ -267,6 +270,9 @@ def summary_line(out_path: str, report: Mapping[str, Any]) -> str:
         )
     else:
         parts.append(f"coefficients from {report.get('coefficients_from')}")
+    selection = report.get("reg_weight_selection")
+    if selection:
+        parts.append(f"reg_weight {selection['reg_weight']:g} (auto)")
     parts.append(f"{wall:.1f} s")
     line = "; ".join(parts)
     outcome = report.get("outcome") or {}

@@ -49,6 +49,11 @@ class TrainHistory:
     start_gradient: float = 0.0
     start_pull: float = 0.0
     start_ratio: float = 0.0
+    # prox, per trial: the forward and backward passes' seconds (the floor of
+    # a step: what it costs with nothing to rebuild or project), and the base
+    # and task-vector bytes the rebuild and the projection fetched.
+    pass_seconds: list[float] = field(default_factory=list)
+    bytes_read: list[int] = field(default_factory=list)
 
     @property
     def kept_alignment(self) -> float:

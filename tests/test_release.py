@@ -78,6 +78,16 @@ def test_summary_line(published):
     assert line.startswith(f"wrote Expert Merging merge to {published.out}")
     assert f"{report['loss']['stage1']:.4g} (stage1)" in line
     assert re.search(r"; \d+\.\d s$", line)
+    # reg_weight: auto (the default): the grid value with the lowest held-out
+    # loss, used for the calibration and named in the line and the card.
+    selection = report["reg_weight_selection"]
+    grid, held = selection["grid"], selection["held_out_alignment"]
+    assert grid == [0.8, 0.2, 0.05, 0.0] and len(held) == len(grid)
+    best = grid[min(range(len(grid)), key=lambda i: (held[i], -grid[i]))]
+    assert selection["reg_weight"] == best == report["calibration"]["reg_weight"]
+    assert f"; reg_weight {best:g} (auto); " in line
+    card = (published.out / "README.md").read_text()
+    assert f"The regularizer's weight (reg_weight: auto) was {best:g}" in card
 
 
 def test_heatmap_columns_are_distinct_for_same_named_checkpoints():

@@ -145,6 +145,11 @@ def test_failure_during_write_keeps_existing_out(tiny, tmp_path, monkeypatch):
     report = read_report(out)
     assert report["resumed"], "the finished calibration is resumed, not redone"
     assert report["stage1"]["evaluations"] >= 1
+    # reg_weight: auto's choice came back from the checkpoint: no second path.
+    selection = report["reg_weight_selection"]
+    assert len(selection["held_out_alignment"]) == len(selection["grid"]) == 4
+    assert report["calibration"]["reg_weight"] == selection["reg_weight"]
+    assert "reg_weight_selection" not in report["stages"]
 
 
 def test_nan_in_an_expert_is_named(tiny, tmp_path):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
+from mergekit_expert.task_vectors import TIERS, load_task_vectors, pick_tier
 from mergekit_expert.testing.cli import (
     read_coefficients,
     read_report,
@@ -46,10 +48,105 @@ def assert_same(a, b, **tolerance):
         torch.testing.assert_close(a[name], b[name], **tolerance)
 
 
-def test_streamed_equals_resident(tiny, tmp_path):
-    resident, _ = calibrate(tiny, tmp_path, "resident", task_vectors="resident")
-    streamed, _ = calibrate(tiny, tmp_path, "streamed", task_vectors="streamed")
-    assert_same(resident, streamed, rtol=1e-5, atol=1e-6)
+def test_every_tier_equals_resident(tiny, tmp_path):
+    """Same coefficients to 1e-5 (the projection sums in another order)."""
+    resident, report = calibrate(tiny, tmp_path, "resident", task_vectors="resident")
+    assert report["task_vectors"] == "resident"
+    for tier in ("compact", "host", "streamed"):
+        other, report = calibrate(tiny, tmp_path, tier, task_vectors=tier)
+        assert report["task_vectors"] == tier
+        assert_same(resident, other, rtol=1e-5, atol=1e-6)
+
+
+def _tier(mode, tiny, checkpoints):
+    """The task vectors of every projection of ``checkpoints`` (base, experts)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoints[0], dtype=torch.float32)
+    params = dict(model.named_parameters())
+    names = [n for n in params if n.endswith("proj.weight")]
+    experts = list(checkpoints[1:])
+    return load_task_vectors(
+        mode,
+        names,
+        params,
+        checkpoints[0],
+        experts,
+        [str(i) for i in range(len(experts))],
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_tiers_hand_out_the_same_float32_values(tiny, tmp_path, dtype):
+    """tau = float32(expert) - float32(base) in every tier: bit for bit, so
+    storing the checkpoint dtype (compact, host) adds no error at all."""
+    from transformers import AutoModelForCausalLM
+
+    checkpoints = []
+    for index, path in enumerate([tiny.base, *tiny.experts]):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        checkpoints.append(str(tmp_path / f"model{index}"))
+        model.save_pretrained(checkpoints[-1])
+    tiers = {mode: _tier(mode, tiny, checkpoints) for mode in TIERS}
+    cpu = torch.device("cpu")
+    reference = tiers["resident"]
+    stored = tiers["compact"]._blocks  # base and experts as the files hold them
+    assert {b.dtype for b in stored.values()} == {dtype}
+    for name in reference.names:
+        base = reference.base(name, cpu)
+        rows = list(reference.rows(name, cpu))
+        # Independently: the files' values, upcast, subtracted.
+        from safetensors.torch import load_file
+
+        files = [load_file(f"{c}/model.safetensors") for c in checkpoints]
+        flat = [f[name].reshape(-1).to(torch.float32) for f in files]
+        assert torch.equal(base, flat[0])
+        for k, row in enumerate(rows):
+            assert torch.equal(row, flat[k + 1] - flat[0])
+        for mode in ("compact", "host", "streamed"):
+            assert torch.equal(tiers[mode].base(name, cpu), base), (mode, name)
+            for mine, theirs in zip(tiers[mode].rows(name, cpu), rows, strict=True):
+                assert torch.equal(mine, theirs), (mode, name)
+    # One pass over every tensor reads (K + 1) x numel x element bytes in the
+    # checkpoint-dtype tiers, the float32 bytes when resident.
+    numel = sum(reference.numel(n) for n in reference.names)
+    size = torch.tensor([], dtype=dtype).element_size()
+    for mode in TIERS:
+        tiers[mode].bytes_read = 0
+        for name in reference.names:
+            list(tiers[mode].rows(name, cpu))
+        expected = 3 * numel * (4 if mode == "resident" else size)
+        if mode == "resident":
+            expected = 2 * numel * 4  # tau rows only: the base is not re-read
+        assert tiers[mode].bytes_read == expected, mode
+
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize(
+    "experts, device_free, host_free, gpu, tier",
+    [
+        # 7B (N_c = 7.0e9) in bf16 on one GPU with 256 GiB of free host memory:
+        # resident (K + 1) N_c 4, compact (K + 1) N_c 2, against half the free.
+        (3, 78 * GIB, 256 * GIB, True, "host"),  # 80 GB: 104 / 52 GiB > 39
+        (3, 139 * GIB, 256 * GIB, True, "compact"),  # 141 GB: 52 GiB < 69.5
+        (8, 139 * GIB, 256 * GIB, True, "host"),  # 117 GiB > 69.5, < 128
+        (8, 78 * GIB, 200 * GIB, True, "streamed"),  # 117 GiB > 100 of host
+        (3, 600 * GIB, 1000 * GIB, True, "resident"),  # 104 GiB < 300
+        (3, 120 * GIB, 120 * GIB, False, "compact"),  # CPU: 52 < 60 < 104
+        (3, 80 * GIB, 80 * GIB, False, "streamed"),  # CPU: no host tier
+    ],
+)
+def test_auto_picks_the_fastest_tier_that_fits(
+    experts, device_free, host_free, gpu, tier
+):
+    numel = 7_000_000_000
+    chosen, why = pick_tier(experts, numel, 2, device_free, host_free, gpu)
+    assert chosen == tier, why
+    # Float32 checkpoints have nothing compact to offer.
+    if tier == "compact":
+        assert pick_tier(experts, numel, 4, device_free, host_free, gpu)[0] != "compact"
 
 
 def test_top_k_cache_with_full_vocabulary_equals_full_cache(tiny, tmp_path):
