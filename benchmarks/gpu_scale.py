@@ -3,8 +3,8 @@
 Measures, per run, the wall time and peak memory of each stage (from the
 run's own report.json), the time per optimizer step and its floor (the
 forward and backward passes alone) in each task-vector tier (resident,
-compact, host, streamed) with the bytes each step reads, and the final write against ``mergekit-yaml`` task_arithmetic on
-the same models. Weights are random (cost does not depend on what they know).
+compact, host, streamed) with the bytes each step reads, and the final write
+against ``mergekit-yaml`` task_arithmetic on the same models. Weights are random (cost does not depend on what they know).
 
     python benchmarks/gpu_scale.py --out results.json            # on a GPU machine
     python benchmarks/gpu_scale.py --size tiny --device cpu ...  # a smoke run
