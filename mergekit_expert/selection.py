@@ -25,25 +25,9 @@ from .config import PROX_LR, CalibrationConfig
 from .objective import Objective
 from .prox import train_prox
 from .student import Student
-from .teacher import TeacherCache
 
 LOG = logging.getLogger(__name__)
 FOLDS = 2
-
-
-class CacheView(TeacherCache):
-    """The samples of a teacher cache whose global index is in ``keep``.
-
-    ``experts`` keeps every index (so positions still line up) and marks the
-    others -1, which no expert counts. Targets are read from the same place.
-    """
-
-    def __init__(self, cache: TeacherCache, keep: set[int]):  # no super(): shares
-        self.directory = cache.directory
-        self._targets = cache._targets
-        self.pseudo_labels = []
-        self.samples = {i: s for i, s in cache.samples.items() if i in keep}
-        self.experts = [e if i in keep else -1 for i, e in enumerate(cache.experts)]
 
 
 def folds(experts: Sequence[int], count: int) -> list[set[int]]:
@@ -98,7 +82,7 @@ def select_reg_weight(
         LOG.warning("%s", note)
         return Selection(grid[0], grid, [], note)
     split = folds(experts, FOLDS)
-    every = set(range(len(objective.cache.experts)))
+    every = set(range(len(experts)))
     held_out = [0.0] * len(grid)
     # Each point starts where the last one ended, so half the steps reach it.
     # The path always runs the prox optimizer (with adamw the chosen weight is
@@ -114,8 +98,8 @@ def select_reg_weight(
         total=FOLDS * len(grid), desc="reg_weight: auto (held-out path)", disable=quiet
     )
     for fold in split:
-        fit = replace(objective, cache=CacheView(objective.cache, every - fold))
-        held = replace(objective, cache=CacheView(objective.cache, fold))
+        fit = replace(objective, cache=objective.cache.subset(every - fold))
+        held = replace(objective, cache=objective.cache.subset(fold))
         student.load_raw(start)
         for position, gamma in enumerate(grid):
             train_prox(

@@ -128,22 +128,18 @@ class StreamedTaskVectors(TaskVectors):
 
     def __init__(
         self,
-        base_dir: str,
-        expert_dirs: Sequence[str],
-        expert_names: Sequence[str],
+        base: CheckpointReader,
+        experts: Sequence[CheckpointReader],
         names: Sequence[str],
     ):
-        self._base = CheckpointReader(base_dir, "the base model")
-        self._experts = [
-            CheckpointReader(d, f"expert {n}")
-            for d, n in zip(expert_dirs, expert_names)
-        ]
+        self._base = base
+        self._experts = list(experts)
         self.names = list(names)
         self.experts = len(self._experts)
         self._numel = {}
         for name in self.names:
             with safe_open(
-                os.path.join(base_dir, self._base.files[name]), "pt"
+                os.path.join(base.directory, base.files[name]), "pt"
             ) as handle:
                 shape = handle.get_slice(name).get_shape()
             self._numel[name] = int(torch.Size(shape).numel())
@@ -180,7 +176,10 @@ class StoredTaskVectors(TaskVectors):
         self._blocks = dict(blocks)
         self.names = list(blocks)
         self.experts = next(iter(blocks.values())).shape[0] - 1 if blocks else 0
-        self._current: tuple[str, torch.device, torch.Tensor] | None = None
+        # the block last fetched, with its base row in float32
+        self._current: tuple[str, torch.device, torch.Tensor, torch.Tensor] | None = (
+            None
+        )
         self._next: tuple[str, torch.Tensor, Any] | None = None  # prefetched block
         self._stream: Any = None  # the side stream of the host-to-device copies
 
@@ -188,27 +187,30 @@ class StoredTaskVectors(TaskVectors):
         return self._blocks[name].shape[1]
 
     def base(self, name: str, device: torch.device) -> torch.Tensor:
-        return self._block(name, device)[0].to(torch.float32)
+        return self._block(name, device)[1]
 
     def rows(self, name: str, device: torch.device) -> Iterator[torch.Tensor]:
-        block = self._block(name, device)
-        base = block[0].to(torch.float32)
+        block, base = self._block(name, device)
         for k in range(1, block.shape[0]):
             yield block[k].to(torch.float32) - base
 
-    def _block(self, name: str, device: torch.device) -> torch.Tensor:
-        """This tensor's block on ``device`` (one block cached: base() and
-        rows() of one tensor fetch it once)."""
+    def _block(
+        self, name: str, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This tensor's block on ``device`` and its base row in float32 (one
+        block cached: base() and rows() of one tensor fetch and upcast once;
+        callers never write into the base they are given)."""
         if self._current is not None and self._current[:2] == (name, device):
-            return self._current[2]
+            return self._current[2], self._current[3]
         stored = self._blocks[name]
         self.bytes_read += stored.numel() * stored.element_size()
         if device.type == "cuda" and stored.device.type == "cpu":
             block = self._copy_in(name, device)
         else:
             block = stored.to(device)
-        self._current = (name, device, block)
-        return block
+        base = block[0].to(torch.float32)
+        self._current = (name, device, block, base)
+        return block, base
 
     def _copy_in(self, name: str, device: torch.device) -> torch.Tensor:
         """The prefetched block if it is this one, else a plain copy; then
@@ -320,7 +322,7 @@ def load_task_vectors(
         device,
     )
     if mode == "streamed":
-        return StreamedTaskVectors(base_dir, expert_dirs, expert_names, names)
+        return StreamedTaskVectors(base_reader, readers, names)
     if mode in ("compact", "host"):
         home = device if mode == "compact" else torch.device("cpu")
         pin = mode == "host" and device.type == "cuda"

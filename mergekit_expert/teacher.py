@@ -8,6 +8,7 @@ own expert (the pseudo-label), in the same load.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Sequence
@@ -91,6 +92,16 @@ class TeacherCache:
                     if k != "ids" and not k.startswith(("input.", "token."))
                 }
             )
+
+    def subset(self, keep: set[int]) -> TeacherCache:
+        """The samples whose global index is in ``keep``, the targets shared.
+        ``experts`` keeps every index (positions still line up) and marks the
+        others -1, which no expert counts."""
+        view = copy.copy(self)
+        view.samples = {i: s for i, s in self.samples.items() if i in keep}
+        view.experts = [e if i in keep else -1 for i, e in enumerate(self.experts)]
+        view.pseudo_labels = []
+        return view
 
     def _path(self, index: int) -> str:
         assert self.directory is not None  # only called for a cache on disk

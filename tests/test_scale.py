@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from mergekit_expert.task_vectors import TIERS, load_task_vectors, pick_tier
 from mergekit_expert.testing.cli import (
@@ -58,7 +59,7 @@ def test_every_tier_equals_resident(tiny, tmp_path):
         assert_same(resident, other, rtol=1e-5, atol=1e-6)
 
 
-def _tier(mode, tiny, checkpoints):
+def _tier(mode, checkpoints):
     """The task vectors of every projection of ``checkpoints`` (base, experts)."""
     from transformers import AutoModelForCausalLM
 
@@ -87,18 +88,16 @@ def test_tiers_hand_out_the_same_float32_values(tiny, tmp_path, dtype):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         checkpoints.append(str(tmp_path / f"model{index}"))
         model.save_pretrained(checkpoints[-1])
-    tiers = {mode: _tier(mode, tiny, checkpoints) for mode in TIERS}
+    tiers = {mode: _tier(mode, checkpoints) for mode in TIERS}
     cpu = torch.device("cpu")
     reference = tiers["resident"]
     stored = tiers["compact"]._blocks  # base and experts as the files hold them
     assert {b.dtype for b in stored.values()} == {dtype}
+    # Independently: the files' values, upcast, subtracted.
+    files = [load_file(f"{c}/model.safetensors") for c in checkpoints]
     for name in reference.names:
         base = reference.base(name, cpu)
         rows = list(reference.rows(name, cpu))
-        # Independently: the files' values, upcast, subtracted.
-        from safetensors.torch import load_file
-
-        files = [load_file(f"{c}/model.safetensors") for c in checkpoints]
         flat = [f[name].reshape(-1).to(torch.float32) for f in files]
         assert torch.equal(base, flat[0])
         for k, row in enumerate(rows):
