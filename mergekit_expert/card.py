@@ -239,9 +239,10 @@ def loss_sentence(report: Mapping) -> str:
     if selection and selection.get("held_out_alignment"):
         sentence += (
             f" The regularizer's weight (reg_weight: auto) was {selection['reg_weight']:g}, "
-            "the value of "
+            "the largest of "
             + ", ".join(f"{g:g}" for g in selection["grid"])
-            + " with the lowest alignment loss on held-out calibration samples."
+            + " whose alignment loss on held-out calibration samples was within one "
+            "standard error of the lowest."
         )
     elif selection and selection.get("note"):
         sentence += f" reg_weight: auto: {selection['note']}."

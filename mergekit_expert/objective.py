@@ -164,15 +164,34 @@ class Objective:
         return loss
 
     @torch.no_grad()
+    def sample_losses(self, student: Student) -> torch.Tensor:
+        """Every cached sample's loss L_i by global index (0 for samples not in
+        this cache), gathered from all ranks."""
+        losses = torch.zeros(len(self.cache.experts), dtype=torch.float64)
+        for index in sorted(self.cache.samples):
+            losses[index] = float(self.sample_loss(student, index))
+        (losses,) = all_reduce_sum([losses])  # this rank's samples -> all
+        return losses
+
+    def shares(self, losses: torch.Tensor) -> torch.Tensor:
+        """Each sample's part of ``alignment``: beta_k / s_k * L_i / n_k."""
+        experts = torch.tensor(self.cache.experts)
+        out = torch.zeros_like(losses)
+        for k, weight in enumerate(self.weights):
+            mine = experts == k
+            if mine.any():
+                out[mine] = weight * losses[mine] / int(mine.sum())
+        return out
+
+    @torch.no_grad()
     def alignment(self, student: Student) -> tuple[float, list[float]]:
         """sum_k beta_k * mean loss of expert k's samples, at the loaded weights."""
-        sums = torch.zeros(self.experts, dtype=torch.float64)
-        counts = torch.zeros(self.experts, dtype=torch.float64)
-        for index, sample in sorted(self.cache.samples.items()):
-            sums[sample.expert] += float(self.sample_loss(student, index))
-            counts[sample.expert] += 1
-        sums, counts = all_reduce_sum([sums, counts])  # this rank's samples -> all
-        means = [float(s / c) if c else 0.0 for s, c in zip(sums, counts)]
+        losses = self.sample_losses(student)
+        experts = torch.tensor(self.cache.experts)
+        means = [
+            float(losses[experts == k].mean()) if (experts == k).any() else 0.0
+            for k in range(self.experts)
+        ]
         return sum(b * m for b, m in zip(self.weights, means)), means
 
     def measure(self, student: Student) -> tuple[float, float]:

@@ -7,16 +7,22 @@ expert's samples are dealt into two folds; on each fold the prox optimizer is
 run along ``reg_grid`` from the largest weight to the smallest, each point
 warm-started from the one before (a regularization path, half of
 ``max_steps`` per point), and the alignment
-loss of the other fold is measured at every point. The weight whose summed
-held-out loss is lowest is then used on all samples. Ties go to the larger
-weight (the smaller move from task arithmetic).
+loss of the other fold is measured at every point, sample by sample.
+
+The choice follows the one-standard-error rule of cross-validation: the
+largest weight whose held-out loss is within one standard error of the lowest
+(the error of the paired, per-sample difference to the lowest point). With a
+few samples per expert the held-out estimate is noisy; where the grid's losses
+differ by less than that noise, a plain argmin picks a small weight by chance
+and fits the few samples too closely, so the rule keeps the larger weight (the
+smaller move from task arithmetic) unless the data clearly ask for less.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -40,6 +46,35 @@ def folds(experts: Sequence[int], count: int) -> list[set[int]]:
     return dealt
 
 
+def within_one_se(
+    shares: torch.Tensor, experts: Sequence[int]
+) -> tuple[int, int, list[float]]:
+    """The one-standard-error choice over a path sorted from largest weight down.
+
+    ``shares[g, i]``: sample i's part of the held-out alignment at point g
+    (summed over i it is the point's held-out loss); ``experts[i]`` its expert
+    (-1: not held out). The difference of point g to the lowest point b is a
+    sum over samples, so its variance is sum_k n_k * var_k(shares[g] - shares[b])
+    over each expert's samples. Returns (chosen, lowest, the standard errors).
+    """
+    totals = shares.sum(dim=1)
+    lowest = min(range(len(totals)), key=lambda g: float(totals[g]))  # ties: larger
+    owner = torch.tensor(list(experts))
+    errors = []
+    for g in range(len(totals)):
+        difference = shares[g] - shares[lowest]
+        variance = 0.0
+        for k in sorted(set(experts) - {-1}):
+            mine = difference[owner == k]
+            if len(mine) > 1:
+                variance += len(mine) * float(mine.var())
+        errors.append(variance**0.5)
+    chosen = next(
+        g for g in range(len(totals)) if float(totals[g] - totals[lowest]) <= errors[g]
+    )
+    return chosen, lowest, errors
+
+
 @dataclass
 class Selection:
     """The chosen weight and the held-out alignment at every grid point."""
@@ -47,6 +82,9 @@ class Selection:
     reg_weight: float
     grid: list[float]
     held_out: list[float]  # summed over folds; empty when nothing was held out
+    standard_errors: list[float] = field(default_factory=list)  # of the
+    # difference of each point's held-out loss to the lowest one
+    lowest: float | None = None  # the weight with the lowest held-out loss
     note: str | None = None
 
     def to_json(self) -> dict:
@@ -54,6 +92,10 @@ class Selection:
             "reg_weight": self.reg_weight,
             "grid": self.grid,
             "held_out_alignment": self.held_out,
+            "standard_error": self.standard_errors,
+            "lowest": self.lowest,
+            "rule": "the largest reg_weight within one standard error of the "
+            "lowest held-out alignment",
             "note": self.note,
         }
 
@@ -80,10 +122,10 @@ def select_reg_weight(
             f"least {FOLDS} samples, or set calibration.reg_weight to a number"
         )
         LOG.warning("%s", note)
-        return Selection(grid[0], grid, [], note)
+        return Selection(grid[0], grid, [], note=note)
     split = folds(experts, FOLDS)
     every = set(range(len(experts)))
-    held_out = [0.0] * len(grid)
+    shares = torch.zeros(len(grid), len(experts), dtype=torch.float64)
     # Each point starts where the last one ended, so half the steps reach it.
     # The path always runs the prox optimizer (with adamw the chosen weight is
     # then trained with adamw): gamma belongs to the objective, not the loop.
@@ -110,17 +152,19 @@ def select_reg_weight(
                 quiet=True,
                 expert_names=names,
             )
-            with torch.no_grad():
-                loss, _ = held.alignment(student)
-            held_out[position] += loss
+            # every sample is held out in exactly one fold
+            shares[position] += held.shares(held.sample_losses(student))
             progress.update(1)
     progress.close()
     student.load_raw(start)
-    best = min(range(len(grid)), key=lambda i: (held_out[i], -grid[i]))
+    chosen, lowest, errors = within_one_se(shares, experts)
+    held_out = [float(v) for v in shares.sum(dim=1)]
     LOG.info(
-        "reg_weight: auto chose %g (held-out alignment %s over %s)",
-        grid[best],
+        "reg_weight: auto chose %g, the largest within one standard error of the "
+        "lowest held-out alignment (%s over %s, standard errors %s)",
+        grid[chosen],
         [round(v, 5) for v in held_out],
         grid,
+        [round(v, 5) for v in errors],
     )
-    return Selection(grid[best], grid, held_out)
+    return Selection(grid[chosen], grid, held_out, errors, grid[lowest])

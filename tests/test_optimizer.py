@@ -15,6 +15,7 @@ import torch
 from torch.func import functional_call
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mergekit_expert.selection import within_one_se
 from mergekit_expert.testing.calibration import write_jsonl
 from mergekit_expert.testing.cli import run_document
 from mergekit_expert.testing.tiny import TINY_CORPUS
@@ -183,14 +184,20 @@ def test_prox_reaches_the_reference_minimum(tiny, tmp_path, scale, gamma, exclud
 
 # Held-out samples unlike the fitted ones (each expert's two texts differ), so
 # moving away from task arithmetic overfits; or the same text twice, so the
-# held-out loss is the fitted one and the smallest weight must win.
+# held-out loss is the fitted one, every sample gains alike (no spread, so a
+# standard error of 0) and the smallest weight must win.
 @pytest.mark.parametrize(
-    "texts", [TEXTS, [[t[0], t[0]] for t in TEXTS]], ids=["distinct", "repeated"]
+    "texts, expected",
+    [(TEXTS, 1.0), ([[t[0], t[0]] for t in TEXTS], 0.0)],
+    ids=["distinct", "repeated"],
 )
-def test_reg_weight_auto_picks_the_lowest_held_out_alignment(tiny, tmp_path, texts):
+def test_reg_weight_auto_follows_the_held_out_alignment(
+    tiny, tmp_path, texts, expected
+):
     """The held-out path recomputed naively: on each fold (one sample per
     expert), the reference minimizer runs along the grid from the largest
-    weight, warm-started, and the other fold's alignment is measured."""
+    weight, warm-started, and the other fold's alignment is measured; the
+    choice is the largest weight within one standard error of the lowest."""
     grid = [1.0, 0.02, 0.0]
     calibration = {"reg_weight": "auto", "reg_grid": grid, "max_steps": 120}
     document = text_experts(tiny, tmp_path, calibration, texts)
@@ -198,8 +205,9 @@ def test_reg_weight_auto_picks_the_lowest_held_out_alignment(tiny, tmp_path, tex
     selection = run.report["reg_weight_selection"]
     naive = NaiveObjective(tiny.base, tiny.experts, 0.0, "absolute", texts=texts)
     samples = naive.samples  # expert 0's two samples, then expert 1's
-    held_out = [0.0] * len(grid)
-    for fold in ({0, 2}, {1, 3}):
+    # losses[g][fold][k]: expert k's one held-out sample of that fold
+    losses = [[[0.0, 0.0] for _ in range(2)] for _ in grid]
+    for f, fold in enumerate(({0, 2}, {1, 3})):
         fit = [s for i, s in enumerate(samples) if i not in fold]
         held = [s for i, s in enumerate(samples) if i in fold]
         alpha = None
@@ -208,7 +216,8 @@ def test_reg_weight_auto_picks_the_lowest_held_out_alignment(tiny, tmp_path, tex
             alpha = naive.reference_minimum(start=alpha, samples=fit)
             with torch.no_grad():
                 terms = naive.alignment_terms(alpha, samples=held)
-            held_out[position] += float(sum(terms))
+            losses[position][f] = [float(t) for t in terms]
+    held_out = [sum(map(sum, point)) for point in losses]
     ours = selection["held_out_alignment"]
     assert selection["grid"] == grid
     # The path moved: the largest weight keeps the start, the others do not.
@@ -221,13 +230,56 @@ def test_reg_weight_auto_picks_the_lowest_held_out_alignment(tiny, tmp_path, tex
     assert sorted(range(3), key=ours.__getitem__) == sorted(
         range(3), key=held_out.__getitem__
     )
-    best = min(range(len(grid)), key=lambda i: held_out[i])
-    assert selection["reg_weight"] == grid[best]
-    assert run.report["calibration"]["reg_weight"] == grid[best]
+    low = min(range(len(grid)), key=lambda i: held_out[i])
+    # Each expert has two held-out differences to the lowest point (one per
+    # fold): variance (d1 - d2)^2 / 2, times 2 samples, summed over experts.
+    errors = [
+        sum(
+            ((point[0][k] - losses[low][0][k]) - (point[1][k] - losses[low][1][k])) ** 2
+            for k in range(2)
+        )
+        ** 0.5
+        for point in losses
+    ]
+    chosen = next(g for g in range(3) if held_out[g] - held_out[low] <= errors[g])
+    assert selection["lowest"] == grid[low]
+    assert selection["reg_weight"] == grid[chosen] == expected
+    assert run.report["calibration"]["reg_weight"] == grid[chosen]
     # Training on every sample then used the chosen weight.
     stage1 = run.report["stage1"]
-    if grid[best] < grid[0]:
+    if grid[chosen] < grid[0]:
         assert stage1["objective"][stage1["kept_epoch"]] < stage1["objective"][0]
+
+
+def test_one_standard_error_rule_by_hand():
+    """within_one_se on numbers worked out by hand (4 samples, 2 experts, one
+    sample not held out)."""
+    experts = [0, 0, 1, 1, -1]
+    shares = torch.tensor(
+        [
+            [1.0, 1.0, 2.0, 2.0, 0.0],  # total 6.0
+            [0.9, 1.1, 1.9, 1.9, 0.0],  # total 5.8
+            [0.5, 1.3, 1.6, 2.2, 0.0],  # total 5.6: the lowest
+        ],
+        dtype=torch.float64,
+    )
+    chosen, lowest, errors = within_one_se(shares, experts)
+    # Point 0 minus point 2: expert 0 differs by 0.5, -0.3 (variance 0.32),
+    # expert 1 by 0.4, -0.2 (0.18); se = sqrt(2 * 0.32 + 2 * 0.18) = 1.0.
+    # Point 1: 0.4, -0.2 (0.18) and 0.3, -0.3 (0.18); se = sqrt(0.72).
+    assert lowest == 2
+    assert errors == pytest.approx([1.0, 0.72**0.5, 0.0])
+    assert chosen == 0  # 6.0 - 5.6 = 0.4 <= 1.0: the largest weight stays
+    # The same totals with no spread: every sample gains alike, se 0, and
+    # only the lowest point qualifies.
+    even = torch.tensor(
+        [[1.5, 1.5, 1.5, 1.5, 0.0], [1.45] * 4 + [0.0], [1.4] * 4 + [0.0]],
+        dtype=torch.float64,
+    )
+    assert within_one_se(even, experts) == (2, 2, [0.0, 0.0, 0.0])
+    # A tie for the lowest goes to the larger weight.
+    tie = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]] * 2, dtype=torch.float64)
+    assert within_one_se(tie, experts)[:2] == (0, 0)
 
 
 def test_reg_weight_auto_with_one_sample_per_expert_uses_the_largest(tiny, tmp_path):

@@ -78,12 +78,16 @@ def test_summary_line(published):
     assert line.startswith(f"wrote Expert Merging merge to {published.out}")
     assert f"{report['loss']['stage1']:.4g} (stage1)" in line
     assert re.search(r"; \d+\.\d s$", line)
-    # reg_weight: auto (the default): the grid value with the lowest held-out
-    # loss, used for the calibration and named in the line and the card.
+    # reg_weight: auto (the default): the largest grid value whose held-out
+    # loss is within its standard error of the lowest, used for the
+    # calibration and named in the line and the card.
     selection = report["reg_weight_selection"]
     grid, held = selection["grid"], selection["held_out_alignment"]
-    assert grid == [0.8, 0.2, 0.05, 0.0] and len(held) == len(grid)
-    best = grid[min(range(len(grid)), key=lambda i: (held[i], -grid[i]))]
+    errors = selection["standard_error"]
+    assert grid == [0.8, 0.2, 0.05, 0.0] and len(held) == len(errors) == len(grid)
+    low = min(range(len(grid)), key=lambda i: (held[i], -grid[i]))
+    assert selection["lowest"] == grid[low] and errors[low] == 0.0
+    best = next(g for g, h, e in zip(grid, held, errors) if h - held[low] <= e)
     assert selection["reg_weight"] == best == report["calibration"]["reg_weight"]
     assert f"; reg_weight {best:g} (auto); " in line
     card = (published.out / "README.md").read_text()

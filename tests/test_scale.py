@@ -240,3 +240,39 @@ def test_torchrun_two_processes_equal_one_process(tiny, tmp_path):
     assert sorted(p["expert"] for p in report["pseudo_labels"]) == [1, 1, 2]
     assert not os.path.exists(str(out) + ".partial")
     assert sorted(os.listdir(tmp_path)).count("ddp") == 1
+
+
+def test_torchrun_reg_weight_auto_equals_one_process(tiny, tmp_path):
+    """The held-out path on 2 ranks (each scores its own samples; the
+    per-sample losses are gathered) gives one process's losses, errors and
+    choice."""
+    import subprocess
+    import sys
+
+    auto = {"reg_weight": "auto", "reg_grid": [0.8, 0.05, 0.0], "epochs": 1}
+    _, single = calibrate(tiny, tmp_path, "single", method="expert_merging", **auto)
+    document = expert_config(
+        tiny, method="expert_merging", calibration={**SETTINGS, **auto}
+    )
+    config = write_config(tmp_path / "ddp.yml", document)
+    out = tmp_path / "ddp"
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        + ["--nproc_per_node=2", "-m", "mergekit_expert", str(config), str(out)]
+        + ["--quiet"],
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        timeout=600,
+    )
+    ours, theirs = single["reg_weight_selection"], read_report(out)
+    assert theirs["world_size"] == 2
+    theirs = theirs["reg_weight_selection"]
+    # The path moved (otherwise every point would be equal whatever the code).
+    assert len(set(ours["held_out_alignment"])) == 3
+    for key in ("held_out_alignment", "standard_error"):
+        assert theirs[key] == pytest.approx(ours[key], rel=1e-5, abs=1e-7)
+    assert (theirs["reg_weight"], theirs["lowest"]) == (
+        ours["reg_weight"],
+        ours["lowest"],
+    )
