@@ -33,7 +33,11 @@ Writes ``benchmarks/results/quality.json`` (``{"regimes": {"full": R, "lora":
 R}}``; a one-regime run keeps the other's entry), ``quality.md`` and
 ``quality.png`` (one panel per regime); models and merges live under
 ``bench_out/quality/`` (the base and each regime's models are cached while
-their fingerprint matches). ``--smoke`` works in ``bench_out/quality-smoke/``.
+their fingerprint matches), and the baselines' choices and scores are kept
+under ``merges/<regime>/baseline-scores/`` (keyed by the models, the merge
+documents, the evaluation sizes and mergekit's version), so a rerun after a
+change to expert merging skips them. ``--smoke`` works in
+``bench_out/quality-smoke/``.
 """
 
 from __future__ import annotations
@@ -279,6 +283,7 @@ class Models:
     ref: dict[str, str]
     path: dict[str, Path]
     lora_cache: Path
+    fingerprint: str = ""  # of the data and training that made them
 
 
 def _cached(meta: Path, fp: str, files: list[Path]) -> bool:
@@ -335,11 +340,12 @@ def train_regime(
         ref={n: str(folder / n) for n in names},
         path={n: folder / n for n in names},
         lora_cache=model_dir / f"lora-merged-{regime}",
+        fingerprint=fingerprint(cfg, domains, regime),
     )
     if regime == "lora":
         for n in DOMAINS:
             models.ref[n] = f"{base_dir}+{folder / (n + '-adapter')}"
-    fp = fingerprint(cfg, domains, regime)
+    fp = models.fingerprint
     meta = model_dir / f"{regime}.json"
     files = [p / "model.safetensors" for p in models.path.values()]
     if regime == "lora":
@@ -486,6 +492,7 @@ class Evaluator:
             for n, d in domains.items()
         }
         self.sums = sum_problems(test_sums(cfg)[: cfg.exact_match_problems], tokenizer)
+        self.key = [getattr(cfg, name) for name in EVALUATION_ONLY]
 
     def score(self, path: Path, val: bool = True, test: bool = True) -> Scores:
         """The model at ``path`` on the validation and / or the test blocks."""
@@ -907,11 +914,13 @@ def calibration_lines(result: dict) -> list[str]:
         "moved = runs whose coefficients left ᾱ; γ = the reg_weight used, "
         "with how many runs `reg_weight: auto` chose each; lowest = the γ with "
         "the lowest held-out loss, which auto takes only when no larger γ is "
-        "within one standard error of it):",
+        "within one standard error of it; stage 2 kept = ++ runs whose stage 2 "
+        "lowered held-out alignment by more than one standard error, the others "
+        "keep stage 1; its loss is the mean over the runs that kept it):",
         "",
         "| method | moved | initial ᾱ | γ | lowest | task arithmetic at ᾱ "
-        "| stage 1 | stage 2 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| stage 1 | stage 2 kept | stage 2 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def counts(values: list) -> str:
@@ -932,12 +941,14 @@ def calibration_lines(result: dict) -> list[str]:
         lowest = counts(
             [(e.get("reg_weight_selection") or {}).get("lowest") for e in entries]
         )
+        checks = [e["stage2_check"] for e in entries if e.get("stage2_check")]
+        kept = f"{sum(c['kept'] for c in checks)}/{len(checks)}" if checks else "-"
 
         lines.append(
             f"| {label} | {sum(moved(e) for e in entries)}/{len(entries)} "
             f"| {', '.join(f'{a:g}' for a in inits)} | {chosen} | {lowest} "
             f"| {mean(losses, 'task_arithmetic_init')} "
-            f"| {mean(losses, 'stage1')} | {mean(losses, 'stage2')} |"
+            f"| {mean(losses, 'stage1')} | {kept} | {mean(losses, 'stage2')} |"
         )
     return lines
 
@@ -1105,7 +1116,24 @@ def pick_lambda(
     seed: int | None = None,
     check: Callable[[Path, float], None] | None = None,
 ) -> tuple[float, Scores]:
-    """Merge at every λ of the grid, keep the best mean validation gain."""
+    """Merge at every λ of the grid, keep the best mean validation gain.
+
+    The choice and its scores are kept in ``work/baseline-scores``, keyed by
+    the models, the merge documents, the evaluation sizes and mergekit's
+    version: a rerun after a change to expert merging skips the baselines.
+    """
+    from importlib.metadata import version
+
+    identity = [models.fingerprint, evaluator.key, version("mergekit"), seed]
+    identity += [[lam, make(lam)] for lam in grid]
+    text = json.dumps(identity, sort_keys=True, default=str)
+    stored = (
+        work / "baseline-scores" / f"{hashlib.sha256(text.encode()).hexdigest()}.pt"
+    )
+    if stored.exists():
+        saved = torch.load(stored, weights_only=True)
+        print(f"  {label} seed={seed}: stored result, λ={saved['lam']}")
+        return saved["lam"], Scores(**saved["scores"])
     best = None
     for lam in grid:
         out = work / f"{label.replace(' ', '_').replace(':', '')}-{lam}-{seed}"
@@ -1124,6 +1152,8 @@ def pick_lambda(
         check(out, lam)
     scores = evaluator.score(out, val=False)
     shutil.rmtree(out)
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"lam": lam, "scores": vars(scores)}, stored)
     return lam, scores
 
 
@@ -1276,6 +1306,7 @@ def run_regime(
                     "outcome": report.get("outcome"),
                     "reg_weight": report.get("calibration", {}).get("reg_weight"),
                     "reg_weight_selection": report.get("reg_weight_selection"),
+                    "stage2_check": report.get("stage2_check"),
                 }
             )
             if row.label == "expert_merging":

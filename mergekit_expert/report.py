@@ -82,6 +82,7 @@ def _calibration_report(result: CalibrationResult) -> dict[str, Any]:
         "task_weights": result.task_weights,
         "init_curve": result.init_curve,
         "reg_weight_selection": result.reg_selection,
+        "stage2_check": result.stage2_check,
         "samples_per_expert": result.samples_per_expert,
         "hidden_layers": result.hidden_layers,
         "calibration": settings.model_dump(),
@@ -273,6 +274,9 @@ def summary_line(out_path: str, report: Mapping[str, Any]) -> str:
     selection = report.get("reg_weight_selection")
     if selection:
         parts.append(f"reg_weight {selection['reg_weight']:g} (auto)")
+    check = report.get("stage2_check")
+    if check and not check["kept"]:
+        parts.append("stage 2 not kept (no held-out gain)")
     parts.append(f"{wall:.1f} s")
     line = "; ".join(parts)
     outcome = report.get("outcome") or {}

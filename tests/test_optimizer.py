@@ -339,3 +339,63 @@ def test_the_paper_recipe_is_expressible(tiny, tmp_path):
     # the artifact holds the projections only.
     assert report["at_init"] == []
     assert all(name.endswith("proj.weight") for name in run.coefficients)
+
+
+# Each expert's two texts differ, or are the same text twice (then the held-out
+# sample is the fitted one, every fold fits alike, the standard error is 0 and
+# stage 2, lowering the fitted loss, lowers the held-out one).
+@pytest.mark.parametrize(
+    "texts", [TEXTS, [[t[0], t[0]] for t in TEXTS]], ids=["distinct", "repeated"]
+)
+def test_stage2_is_kept_only_where_it_lowers_held_out_alignment(tiny, tmp_path, texts):
+    """Expert Merging++ with reg_weight: auto fits stage 1 and then stage 2 on
+    each fold and keeps stage 2 only when the other fold's alignment falls by
+    more than one standard error; otherwise the merge is exactly Expert
+    Merging's (the same stage 1)."""
+    gamma = 0.02
+    calibration = {
+        "reg_weight": "auto",
+        "reg_grid": [gamma, gamma],  # one weight (a grid has two entries)
+        "max_steps": 60,
+        "budget": 3.0,
+    }
+    document = text_experts(tiny, tmp_path, calibration, texts)
+    pp = run_document(
+        tmp_path, {**document, "merge_method": "expert_merging_pp"}, name="pp"
+    )
+    check = pp.report["stage2_check"]
+    held = check["held_out_alignment"]
+    # Stage 1 on each fold, recomputed with the reference minimizer.
+    naive = NaiveObjective(tiny.base, tiny.experts, gamma, "absolute", texts=texts)
+    samples, total = naive.samples, 0.0
+    for fold in ({0, 2}, {1, 3}):
+        fit = [s for i, s in enumerate(samples) if i not in fold]
+        alpha = naive.reference_minimum(samples=fit)
+        with torch.no_grad():
+            terms = naive.alignment_terms(
+                alpha, samples=[s for i, s in enumerate(samples) if i in fold]
+            )
+        total += float(sum(terms))
+    assert held["stage1"] == pytest.approx(total, rel=0.03)
+    assert check["kept"] == (held["stage2"] < held["stage1"] - check["standard_error"])
+    em = run_document(tmp_path, document, name="em")
+    ours, plain = pp.coefficients, em.coefficients
+    # Stage 1 trained in both runs (the start is not the optimum at this gamma).
+    stage1 = em.report["stage1"]
+    assert stage1["objective"][stage1["kept_epoch"]] < stage1["objective"][0]
+    card = (pp.out / "README.md").read_text()
+    if texts is TEXTS:
+        # Fitting two samples chunk by chunk does not carry to the other two.
+        assert not check["kept"]
+        assert "stage2" not in pp.report and "allocation" not in pp.report
+        assert ours.keys() == plain.keys()
+        for name in plain:
+            assert torch.equal(ours[name], plain[name]), name
+        assert "so the merge keeps stage 1's coefficients" in card
+    else:
+        assert check["standard_error"] == 0.0 and check["kept"]
+        assert held["stage2"] < held["stage1"]
+        stage2 = pp.report["stage2"]
+        assert stage2["objective"][stage2["kept_epoch"]] < stage2["objective"][0]
+        assert max(c.shape[1] for c in ours.values()) > 1
+        assert "so stage 2 was kept" in card
