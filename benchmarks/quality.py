@@ -826,6 +826,11 @@ NOTES = [
     "paper's fixed γ (this project's default before `reg_weight: auto`); `EM: "
     "excluded at base` is the defaults with the paper's `excluded: base`; "
     "`EM++: paper allocation` is `allocation: floor`.",
+    "- `expert_merging_pp` (with `reg_weight: auto`) fits stage 1 and then "
+    "stage 2 on each of the two held-out folds and keeps stage 2 only when it "
+    "lowers the other fold's alignment by more than one standard error; "
+    "otherwise its merge is stage 1's, i.e. `expert_merging`'s (the `stage 2 "
+    "kept` column); so do the `EM++` ablation rows, all at `reg_weight: auto`.",
     "- `linear` is the plain average of the experts, i.e. task arithmetic at "
     "λ = 1/K = 0.25 on every tensor.",
     "- Each calibration stage keeps the coefficients with the lowest objective "
