@@ -57,6 +57,7 @@ import time
 import unicodedata
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -492,7 +493,11 @@ class Evaluator:
             for n, d in domains.items()
         }
         self.sums = sum_problems(test_sums(cfg)[: cfg.exact_match_problems], tokenizer)
+        digest = hashlib.sha256()
+        for blocks in [*self.test.values(), *self.val.values(), *self.sums]:
+            digest.update(blocks.numpy().tobytes())
         self.key = [getattr(cfg, name) for name in EVALUATION_ONLY]
+        self.digest = digest.hexdigest()  # of the very tokens scored
 
     def score(self, path: Path, val: bool = True, test: bool = True) -> Scores:
         """The model at ``path`` on the validation and / or the test blocks."""
@@ -1110,6 +1115,20 @@ def write_report(result: dict, folder: Path, name: str) -> None:
 # --------------------------------------------------------------------------
 
 
+def stored_identity(models: Models, evaluator: Evaluator) -> str:
+    """What a stored baseline result must have been made with, beyond its
+    key: the regime's model files (a retrained model changes them), the tokens
+    scored, this script's code version, transformers' version."""
+    folders = {models.base, *(p.parent for p in models.path.values())}
+    files = sorted(
+        [str(f), f.stat().st_size, f.stat().st_mtime_ns]
+        for folder in folders
+        for f in folder.rglob("*.safetensors")
+    )
+    made = [files, evaluator.digest, CODE_VERSION, version("transformers")]
+    return hashlib.sha256(json.dumps(made).encode()).hexdigest()
+
+
 def pick_lambda(
     evaluator: Evaluator,
     ref: dict[str, Scores],
@@ -1124,19 +1143,19 @@ def pick_lambda(
     """Merge at every λ of the grid, keep the best mean validation gain.
 
     The choice and its scores are kept in ``work/baseline-scores``, keyed by
-    the models, the merge documents, the evaluation sizes and mergekit's
-    version: a rerun after a change to expert merging skips the baselines.
+    the models (their fingerprint and files), the merge documents, the tokens
+    scored, this script's code version and mergekit's and transformers'
+    versions: a rerun after a change to expert merging skips the baselines.
+    (A stored choice was checked when it was made.)
     """
-    from importlib.metadata import version
-
     identity = [models.fingerprint, evaluator.key, version("mergekit"), seed]
     identity += [[lam, make(lam)] for lam in grid]
     text = json.dumps(identity, sort_keys=True, default=str)
-    stored = (
-        work / "baseline-scores" / f"{hashlib.sha256(text.encode()).hexdigest()}.pt"
-    )
-    if stored.exists():
-        saved = torch.load(stored, weights_only=True)
+    name = f"{hashlib.sha256(text.encode()).hexdigest()}.pt"
+    stored = work / "baseline-scores" / name
+    made_with = stored_identity(models, evaluator)
+    saved = torch.load(stored, weights_only=True) if stored.exists() else {}
+    if saved.get("made_with") == made_with:
         print(f"  {label} seed={seed}: stored result, λ={saved['lam']}")
         return saved["lam"], Scores(**saved["scores"])
     best = None
@@ -1158,7 +1177,9 @@ def pick_lambda(
     scores = evaluator.score(out, val=False)
     shutil.rmtree(out)
     stored.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"lam": lam, "scores": vars(scores)}, stored)
+    partial = stored.with_suffix(".partial")
+    torch.save({"lam": lam, "scores": vars(scores), "made_with": made_with}, partial)
+    partial.replace(stored)  # whole or absent, never torn
     return lam, scores
 
 

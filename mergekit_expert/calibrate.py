@@ -139,6 +139,7 @@ def calibrate(
             and state.reg_selection["held_out_alignment"]
         ):
             if state.stage2_check is None:  # on the folds reg_weight: auto used
+                save_progress(state, work)  # a kill during the check keeps stage 1
                 with clock.stage("stage2_check"):
                     state.stage2_check = check_stage2(
                         student, objective, settings, chunk, names, options.quiet

@@ -231,7 +231,8 @@ def write_outputs(
     write_json(os.path.join(folder, "report.json"), report)
     calibrated = artifact.calibrated()
     chunks = None
-    if artifact.method == "expert_merging_pp":
+    check = report.get("stage2_check") or {}
+    if artifact.method == "expert_merging_pp" and check.get("kept", True):
         chunks = report.get("allocation", {}).get("chunks") or {
             name: matrix.shape[1] for name, matrix in calibrated.items()
         }

@@ -255,7 +255,7 @@ def check_stage2(
         "error %.3g): stage 2 %s",
         held_out[0],
         held_out[1],
-        errors[0],
+        check.standard_error,
         "kept" if check.kept else "not kept; the merge keeps stage 1's coefficients",
     )
     return check

@@ -377,6 +377,13 @@ def test_stage2_is_kept_only_where_it_lowers_held_out_alignment(tiny, tmp_path, 
         assert stage2["objective"][stage2["kept_epoch"]] < stage2["objective"][0]
         assert max(c.shape[1] for c in pp.coefficients.values()) > 1
         assert "so stage 2 was kept" in card
+        # Kept, stage 2 is exactly the one a fixed reg_weight always keeps.
+        fixed = {**document, "merge_method": "expert_merging_pp"}
+        fixed["calibration"] = {**document["calibration"], "reg_weight": gamma}
+        always = run_document(tmp_path, fixed, name="fixed").coefficients
+        assert always.keys() == pp.coefficients.keys()
+        for name in always:
+            assert torch.equal(pp.coefficients[name], always[name]), name
         return
     # Stage 1 on each fold, recomputed with the reference minimizer.
     naive = NaiveObjective(tiny.base, tiny.experts, gamma, "absolute", texts=texts)
