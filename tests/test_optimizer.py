@@ -17,7 +17,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mergekit_expert.selection import within_one_se
 from mergekit_expert.testing.calibration import write_jsonl
-from mergekit_expert.testing.cli import run_document
+from mergekit_expert.testing.cli import (
+    invoke,
+    kill_at,
+    reached,
+    read_coefficients,
+    read_report,
+    run_document,
+)
 from mergekit_expert.testing.tiny import TINY_CORPUS
 
 TEXTS = [
@@ -384,6 +391,17 @@ def test_stage2_is_kept_only_where_it_lowers_held_out_alignment(tiny, tmp_path, 
         assert always.keys() == pp.coefficients.keys()
         for name in always:
             assert torch.equal(pp.coefficients[name], always[name]), name
+        # Killed in stage 2, the run resumes with the saved verdict (the check
+        # is not redone) and ends where the uninterrupted run did.
+        out = tmp_path / "resumed"
+        kill_at(pp.config, out, reached("stage2", 2))
+        result = invoke(pp.config, out, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        resumed = read_report(out)
+        assert resumed["resumed"] and "stage2_check" not in resumed["stages"]
+        assert resumed["stage2_check"] == check
+        for name, tensor in read_coefficients(out).items():
+            assert torch.equal(tensor, pp.coefficients[name]), name
         return
     # Stage 1 on each fold, recomputed with the reference minimizer.
     naive = NaiveObjective(tiny.base, tiny.experts, gamma, "absolute", texts=texts)
