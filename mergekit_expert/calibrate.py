@@ -30,7 +30,7 @@ from .output import WorkDir
 from .placement import Placement
 from .preflight import Checked
 from .prox import train_prox
-from .selection import check_stage2, select_reg_weight
+from .selection import select_reg_weight
 from .sources import same_shape
 from .state import CHECKPOINT, CalibrationState, LoopCheckpoint, load_state, save_state
 from .student import Student, select_weights
@@ -60,7 +60,6 @@ class CalibrationResult:
     samples_per_expert: list[int]
     init_curve: list[dict]
     reg_selection: dict | None  # reg_weight: auto's choice and its held-out path
-    stage2_check: dict | None  # ++: whether stage 2 lowered held-out alignment
     stage1: TrainHistory
     stage2: TrainHistory | None
     allocation: Allocation | None
@@ -129,30 +128,10 @@ def calibrate(
     alphas = student.all_alphas()
     stage2 = allocation = None
     if plan.method == "expert_merging_pp":
-        allocation = planned = allocate_stage2(student, alphas, settings)
-
-        def chunk(start_alphas: dict, start_raw: dict) -> None:
-            start_stage2(student, planned, start_alphas, start_raw, settings)
-
-        if (
-            state.reg_selection is not None
-            and state.reg_selection["held_out_alignment"]
-        ):
-            if state.stage2_check is None:  # on the folds reg_weight: auto used
-                save_progress(state, work)  # a kill during the check keeps stage 1
-                with clock.stage("stage2_check"):
-                    state.stage2_check = check_stage2(
-                        student, objective, settings, chunk, names, options.quiet
-                    ).to_json()
-                save_progress(state, work)
-            student.load_raw(state.stage1_raw)
-        if state.stage2_check is None or state.stage2_check["kept"]:
-            with clock.stage("stage2"):
-                chunk(alphas, state.stage1_raw)
-                stage2 = train(settings.stage2(), "stage2")
-            alphas = student.all_alphas()
-        else:
-            allocation = None  # stage 1's coefficients are the merge's
+        with clock.stage("stage2"):
+            allocation = prepare_stage2(student, alphas, state.stage1_raw, settings)
+            stage2 = train(settings.stage2(), "stage2")
+        alphas = student.all_alphas()
     _, final_expert = objective.alignment(student)
     truncated = sum(s.truncated for s in cache.samples.values())
     return CalibrationResult(
@@ -170,7 +149,6 @@ def calibrate(
         samples_per_expert=[len(r) for r in checked.records],
         init_curve=state.init_curve,
         reg_selection=state.reg_selection,
-        stage2_check=state.stage2_check,
         stage1=state.stage1,
         stage2=stage2,
         allocation=allocation,
@@ -304,30 +282,20 @@ def build_student(
     )
 
 
-def allocate_stage2(
+def prepare_stage2(
     student: Student,
     stage1_alphas: dict[str, torch.Tensor],
+    stage1_raw: dict[str, torch.Tensor],
     settings: CalibrationConfig,
 ) -> Allocation:
-    """Stage 2's chunks per weight, from stage 1's importance."""
+    """Importance-guided chunking of the student for stage 2 (same teacher cache)."""
     vectors = student.task_vectors
     numels = {n: vectors.numel(n) for n in vectors.names if n not in student.frozen}
     calibrated = {n: a for n, a in stage1_alphas.items() if n in numels}
     importance = layer_importance(calibrated, vectors.mean_abs(list(numels)), numels)
-    return allocate_chunks(
+    allocation = allocate_chunks(
         importance, numels, settings.budget, settings.kappa, settings.allocation
     )
-
-
-def start_stage2(
-    student: Student,
-    allocation: Allocation,
-    stage1_alphas: dict[str, torch.Tensor],
-    stage1_raw: dict[str, torch.Tensor],
-    settings: CalibrationConfig,
-) -> None:
-    """Chunk the student as ``allocation`` says, warm-started from stage 1
-    (or at the initial alpha with ``stage2_init: init``)."""
     init = student.init
     warm = settings.stage2_init == "warm"
     fixed = {
@@ -344,10 +312,11 @@ def start_stage2(
     LOG.info(
         "stage 2: %d chunks over %d weights (budget %.1f), %d fixed",
         sum(allocation.chunks.values()),
-        len(allocation.chunks),
+        len(numels),
         allocation.budget,
         len(fixed),
     )
+    return allocation
 
 
 def read_state(work: WorkDir | None) -> CalibrationState:
@@ -386,12 +355,6 @@ def _trainer(
         )
 
     return train
-
-
-def save_progress(state: CalibrationState, work: WorkDir | None) -> None:
-    """Save a finished phase's result at once (rank 0 alone)."""
-    if work is not None and is_main():
-        save_state(work.file(CHECKPOINT), state)
 
 
 def _checkpointer(

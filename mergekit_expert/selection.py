@@ -16,19 +16,12 @@ few samples per expert the held-out estimate is noisy; where the grid's losses
 differ by less than that noise, a plain argmin picks a small weight by chance
 and fits the few samples too closely, so the rule keeps the larger weight (the
 smaller move from task arithmetic) unless the data clearly ask for less.
-
-Expert Merging++'s stage 2 is checked on the same folds by the same rule
-(:func:`check_stage2`): on each fold stage 1 and then stage 2 are fitted, and
-stage 2 is kept only when it lowers the other fold's alignment by more than
-one standard error. Its extra coefficients can fit a few samples more closely
-than they generalize; where the held-out data do not show a gain, the merge
-keeps stage 1's coefficients.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -38,7 +31,6 @@ from .config import PROX_LR, CalibrationConfig
 from .objective import Objective
 from .prox import train_prox
 from .student import Student
-from .train import train_coefficients
 
 LOG = logging.getLogger(__name__)
 FOLDS = 2
@@ -185,77 +177,3 @@ def select_reg_weight(
         [round(v, 5) for v in errors],
     )
     return Selection(grid[chosen], grid, held_out, errors, grid[lowest])
-
-
-@dataclass
-class Stage2Check:
-    """Whether stage 2 lowered the held-out alignment enough to be kept."""
-
-    kept: bool
-    held_out: list[float]  # stage 1, stage 2 (summed over folds)
-    standard_error: float  # of the difference stage 2 - stage 1
-    note: str | None = None
-
-    def to_json(self) -> dict:
-        return {
-            "kept": self.kept,
-            "held_out_alignment": {
-                "stage1": self.held_out[0],
-                "stage2": self.held_out[1],
-            },
-            "standard_error": self.standard_error,
-            "rule": "stage 2 is kept when its held-out alignment is lower than "
-            "stage 1's by more than one standard error",
-            "note": self.note,
-        }
-
-
-def check_stage2(
-    student: Student,
-    objective: Objective,
-    settings: CalibrationConfig,
-    chunk: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], None],
-    names: Sequence[str],
-    quiet: bool = False,
-) -> Stage2Check:
-    """Fit stage 1 and then stage 2 on each fold and compare them on the other.
-
-    ``chunk(alphas, raw)`` turns the student into stage 2's chunked layout
-    warm-started from a stage-1 fit (the run's own allocation). The student
-    is left at its initial coefficients (per-weight layout).
-    """
-    experts = objective.cache.experts
-    init = list(student.init)
-    shares = torch.zeros(2, len(experts), dtype=torch.float64)
-    loop = train_prox if settings.optimizer == "prox" else train_coefficients
-    progress = tqdm(total=2 * FOLDS, desc="stage 2 check (held-out)", disable=quiet)
-    for fit, held in fold_objectives(objective):
-        student.reset(init)
-        for stage, stage_settings in enumerate((settings, settings.stage2())):
-            if stage == 1:
-                raw = {n: w.detach().clone() for n, w in student.raw.items()}
-                chunk(student.all_alphas(), raw)
-            loop(
-                student,
-                fit,
-                stage_settings,
-                desc=f"stage {stage + 1} (check)",
-                quiet=True,
-                expert_names=names,
-            )
-            shares[stage] += held.shares(held.sample_losses(student))
-            progress.update(1)
-    progress.close()
-    student.reset(init)
-    chosen, _, errors = within_one_se(shares, experts)
-    held_out = [float(v) for v in shares.sum(dim=1)]
-    check = Stage2Check(chosen == 1, held_out, max(errors))  # one of them is 0
-    LOG.info(
-        "stage 2 check: held-out alignment stage 1 %.5g, stage 2 %.5g (standard "
-        "error %.3g): stage 2 %s",
-        held_out[0],
-        held_out[1],
-        check.standard_error,
-        "kept" if check.kept else "not kept; the merge keeps stage 1's coefficients",
-    )
-    return check

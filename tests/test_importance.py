@@ -118,9 +118,6 @@ def test_budget_is_never_exceeded_and_counts_match_torch_chunk():
 
 
 def run_pp(tiny, tmp_path, **calibration):
-    # A fixed reg_weight: these tests are about stage 2 itself, which
-    # reg_weight: auto keeps only where it lowers held-out alignment.
-    calibration = {"reg_weight": 0.05, **calibration}
     document = expert_config(tiny, method="expert_merging_pp", calibration=calibration)
     run = run_document(tmp_path, document, out=tmp_path / "out")
     return str(run.out), run.report
@@ -128,7 +125,7 @@ def run_pp(tiny, tmp_path, **calibration):
 
 def test_pp_end_to_end_chunkwise_task_arithmetic(tiny, tmp_path):
     # reg_weight 0.05: at 0.8 these noise experts keep the start (the optimum).
-    out, report = run_pp(tiny, tmp_path, budget=3.0, kappa=1.2)
+    out, report = run_pp(tiny, tmp_path, budget=3.0, kappa=1.2, reg_weight=0.05)
     # Training happened in both stages: each kept objective is below its start.
     for stage in ("stage1", "stage2"):
         history = report[stage]
