@@ -144,7 +144,7 @@ class Student:
         a point that a second round trip keeps (about 3 % of random values; the
         usual ones such as 0.1 or 0.3 are kept at once), so the trip is repeated
         until it is: then reset(self.init) is the identity, however many times
-        the check, stage 2 or a resume calls it."""
+        stage 2 or a resume calls it."""
         for _ in range(4):
             value = float(self.activation(torch.tensor(self.inverse(alpha))))
             if value == alpha:
