@@ -34,9 +34,9 @@ R}}``; a one-regime run keeps the other's entry), ``quality.md`` and
 ``quality.png`` (one panel per regime); models and merges live under
 ``bench_out/quality/`` (the base and each regime's models are cached while
 their fingerprint matches), and the baselines' choices and scores are kept
-under ``merges/<regime>/baseline-scores/`` (keyed by the models, the merge
-documents, the evaluation sizes and mergekit's version), so a rerun after a
-change to expert merging skips them. ``--smoke`` works in
+under ``merges/<regime>/baseline-scores/`` (see ``pick_lambda`` for what a
+stored result must match), so a rerun after a change to expert merging skips
+them. ``--smoke`` works in
 ``bench_out/quality-smoke/``.
 """
 

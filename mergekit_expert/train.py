@@ -157,9 +157,7 @@ def train_coefficients(
     uninterrupted run. The coefficients with the lowest objective are kept.
     """
     names = list(expert_names or [str(k) for k in range(objective.experts)])
-    # A held-out fold's cache marks the other samples -1; they are not trained on.
-    trained = sum(e >= 0 for e in objective.cache.experts)
-    steps_per_epoch = math.ceil(trained / config.accumulation)
+    steps_per_epoch = math.ceil(len(objective.cache.experts) / config.accumulation)
     params = student.parameters()
     optimizer = scheduler = None
     if params:

@@ -93,3 +93,32 @@ def test_projection_equals_autograd(chunks, activation):
     reference.backward()
     for n in names:
         torch.testing.assert_close(ours[n], raw[n].grad, rtol=1e-4, atol=1e-7)
+
+
+def test_reset_settles_the_initial_alpha():
+    """An init whose first float32 round trip through the sigmoid is not yet a
+    fixed point: the regularizer's target is one, so the raw coefficients give
+    it back exactly and resetting from it (as stage 2 or a resume does) keeps it."""
+    import math
+    import random
+
+    def trip(a: float) -> float:  # float32 sigmoid of the float64 logit
+        return float(torch.sigmoid(torch.tensor(math.log(a / (1 - a)))))
+
+    rng = random.Random(0)
+    drifting = [
+        a for a in (rng.random() for _ in range(5000)) if trip(trip(a)) != trip(a)
+    ]
+    assert len(drifting) >= 2, "the test needs values that drift on a second trip"
+    model = LlamaForCausalLM(tiny_config(64, layers=1, hidden=16)).eval()
+    names = select_weights([n for n, _ in model.named_parameters()], DEFAULT_EXCLUDE)
+    params = dict(model.named_parameters())
+    task_vectors = {n: torch.randn(2, params[n].numel()) for n in names}
+    student = Student(model, task_vectors, drifting[:2])
+    first = list(student.init)
+    assert first != [trip(a) for a in drifting[:2]]  # more than one trip was taken
+    assert all(trip(a) == a for a in first)
+    for alphas in student.alphas().values():
+        assert torch.equal(alphas, torch.tensor(first)[:, None].expand_as(alphas))
+    student.reset(student.init)
+    assert student.init == first
