@@ -204,33 +204,35 @@ def test_device_map_and_gradient_checkpointing_match_the_plain_run(tiny, tmp_pat
     assert_same(plain, checkpointed, rtol=1e-5, atol=1e-6)
 
 
-def test_torchrun_two_processes_equal_one_process(tiny, tmp_path):
+def torchrun_two_processes(config, out) -> None:
+    """``torchrun --standalone --nproc_per_node=2 -m mergekit_expert CONFIG OUT``;
+    a failure shows the processes' output (torchrun's own exit status says
+    nothing of the cause)."""
     import subprocess
     import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        + ["--nproc_per_node=2", "-m", "mergekit_expert", str(config), str(out)]
+        + ["--quiet"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, (
+        f"torchrun exited with {done.returncode}\n"
+        f"stdout:\n{done.stdout[-4000:]}\nstderr:\n{done.stderr[-8000:]}"
+    )
+
+
+def test_torchrun_two_processes_equal_one_process(tiny, tmp_path):
 
     single, _ = calibrate(tiny, tmp_path, "single")
     document = expert_config(tiny, method="expert_merging_pp", calibration=SETTINGS)
     config = write_config(tmp_path / "ddp.yml", document)
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "mergekit_expert",
-            str(config),
-            str(out),
-            "--quiet",
-        ],
-        check=True,
-        env=env,
-        capture_output=True,
-        timeout=600,
-    )
+    torchrun_two_processes(config, out)
     parallel = read_coefficients(out)
     assert_same(single, parallel, rtol=1e-5, atol=1e-6)
     report = read_report(out)
@@ -246,8 +248,6 @@ def test_torchrun_reg_weight_auto_equals_one_process(tiny, tmp_path):
     """The held-out path on 2 ranks (each scores its own samples; the
     per-sample losses are gathered) gives one process's losses, errors and
     choice."""
-    import subprocess
-    import sys
 
     auto = {"reg_weight": "auto", "reg_grid": [0.8, 0.05, 0.0], "epochs": 1}
     _, single = calibrate(tiny, tmp_path, "single", method="expert_merging", **auto)
@@ -256,15 +256,7 @@ def test_torchrun_reg_weight_auto_equals_one_process(tiny, tmp_path):
     )
     config = write_config(tmp_path / "ddp.yml", document)
     out = tmp_path / "ddp"
-    subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-        + ["--nproc_per_node=2", "-m", "mergekit_expert", str(config), str(out)]
-        + ["--quiet"],
-        check=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        timeout=600,
-    )
+    torchrun_two_processes(config, out)
     ours, theirs = single["reg_weight_selection"], read_report(out)
     assert theirs["world_size"] == 2
     theirs = theirs["reg_weight_selection"]
