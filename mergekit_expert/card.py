@@ -242,25 +242,16 @@ def loss_sentence(report: Mapping) -> str:
             "the largest of "
             + ", ".join(f"{g:g}" for g in selection["grid"])
             + " whose alignment loss on held-out calibration samples was within one "
-            "standard error of the lowest, among the weights that raise no expert's "
-            "held-out loss by more than one standard error."
+            "standard error of the lowest."
         )
-        left_out = [
-            (gamma, who)
-            for gamma, who in zip(
-                selection["grid"], selection.get("raised_experts", [])
-            )
-            if who
-        ]
-        if left_out:
+        raised = selection.get("raised_experts") or []
+        chosen = selection["grid"].index(selection["reg_weight"])
+        if chosen < len(raised) and raised[chosen]:
             sentence += (
-                " Left out because they raised one expert's held-out loss by more "
-                "than one standard error over the largest weight: "
-                + "; ".join(
-                    f"{gamma:g} ({', '.join(short_labels(who))})"
-                    for gamma, who in left_out
-                )
-                + " (a larger `task_weight` favours an expert's domain)."
+                " Against the largest weight it raised the held-out loss of "
+                + ", ".join(short_labels(raised[chosen]))
+                + " by more than one standard error while lowering the total "
+                "(a larger `task_weight` favours an expert's domain)."
             )
     elif selection and selection.get("note"):
         sentence += f" reg_weight: auto: {selection['note']}."
