@@ -905,7 +905,7 @@ SIZING = [
     "fine-tunes no expert's held-out loss rose and the smaller γ won (0.238 / "
     "0.252 / 0.306 / 0.320, 0.238 / 0.257 / 0.307 / 0.345, 0.229 / 0.256 / "
     "0.307 / 0.299). A report of the experts a choice gives up came of it. "
-    "A rule that leaves such γ out was tried on fresh seeds 10–13 (a run cut "
+    "A rule that leaves such γ out was tried on fresh seeds 10–14 (a run cut "
     "short) and is not adopted yet: on LoRA experts it chose 0.8 on every "
     "seed and ++ beat EM on each, but on one full-fine-tune seed a flag sent "
     "γ back up (0.241 retained, against 0.30–0.36 on the other seeds).",
