@@ -16,6 +16,18 @@ import os
 import torch
 import torch.distributed as dist
 
+_joined = False  # whether setup() created the process group (so leave() ends it)
+
+
+def leave() -> None:
+    """End the process group setup() joined. A group still alive when the
+    interpreter exits can abort the process from its threads ("terminate
+    called without an active exception"), failing a run that had finished."""
+    global _joined
+    if _joined and dist.is_initialized():
+        dist.destroy_process_group()
+    _joined = False
+
 
 def setup(device: str) -> str:
     """Join the process group torchrun describes (if any); returns this rank's device.
@@ -24,9 +36,11 @@ def setup(device: str) -> str:
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    global _joined
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
         dist.init_process_group(backend=backend)
+        _joined = True
     if world_size() > 1 and device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch.cuda.set_device(device)

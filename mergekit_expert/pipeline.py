@@ -24,7 +24,7 @@ from .card import reproduce_config
 from .coefficients import ARTIFACT_NAME
 from .compat import fix_model_card_offline
 from .config import parse_plan
-from .distributed import barrier, is_main
+from .distributed import barrier, is_main, leave
 from .distributed import setup as setup_distributed
 from .errors import ExpertMergingError
 from .memory import StageClock
@@ -124,6 +124,7 @@ def run_expert_merge(
         raise
     finally:
         work.close()
+        leave()
 
 
 def _after_failure(work: WorkDir, keep_state: bool) -> None:
