@@ -55,6 +55,12 @@ def folds(experts: Sequence[int], count: int) -> list[set[int]]:
     return dealt
 
 
+def paired_variance(part: torch.Tensor) -> float:
+    """Variance of the sum of one expert's paired per-sample differences:
+    n_k * var_k (0 with fewer than two samples)."""
+    return len(part) * float(part.var()) if len(part) > 1 else 0.0
+
+
 def within_one_se(
     shares: torch.Tensor, experts: Sequence[int]
 ) -> tuple[int, int, list[float]]:
@@ -72,11 +78,9 @@ def within_one_se(
     errors = []
     for g in range(len(totals)):
         difference = shares[g] - shares[lowest]
-        variance = 0.0
-        for k in sorted(set(experts) - {-1}):
-            mine = difference[owner == k]
-            if len(mine) > 1:
-                variance += len(mine) * float(mine.var())
+        variance = sum(
+            paired_variance(difference[owner == k]) for k in sorted(set(experts) - {-1})
+        )
         errors.append(variance**0.5)
     chosen = next(
         g for g in range(len(totals)) if float(totals[g] - totals[lowest]) <= errors[g]
@@ -88,18 +92,15 @@ def expert_rises(
     shares: torch.Tensor, experts: Sequence[int], count: int
 ) -> tuple[list[list[float]], list[list[float]]]:
     """[point][expert]: how much each of ``count`` experts' held-out loss rose
-    over point 0 (the largest weight), and the standard error of that rise:
-    the paired per-sample difference summed over the expert's samples has
-    variance n_k * var_k."""
+    over point 0 (the largest weight), and the standard error of that rise
+    (``paired_variance``)."""
     owner = torch.tensor(list(experts))
     rises, errors = [], []
     for point in shares:
         difference = point - shares[0]
         parts = [difference[owner == k] for k in range(count)]
         rises.append([float(part.sum()) for part in parts])
-        errors.append(
-            [(len(p) * float(p.var())) ** 0.5 if len(p) > 1 else 0.0 for p in parts]
-        )
+        errors.append([paired_variance(part) ** 0.5 for part in parts])
     return rises, errors
 
 

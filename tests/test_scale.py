@@ -227,7 +227,6 @@ def torchrun_two_processes(config, out) -> None:
 
 
 def test_torchrun_two_processes_equal_one_process(tiny, tmp_path):
-
     single, _ = calibrate(tiny, tmp_path, "single")
     document = expert_config(tiny, method="expert_merging_pp", calibration=SETTINGS)
     config = write_config(tmp_path / "ddp.yml", document)
@@ -248,7 +247,6 @@ def test_torchrun_reg_weight_auto_equals_one_process(tiny, tmp_path):
     """The held-out path on 2 ranks (each scores its own samples; the
     per-sample losses are gathered) gives one process's losses, errors and
     choice."""
-
     auto = {"reg_weight": "auto", "reg_grid": [0.8, 0.05, 0.0], "epochs": 1}
     _, single = calibrate(tiny, tmp_path, "single", method="expert_merging", **auto)
     document = expert_config(
