@@ -87,8 +87,13 @@ def train(
     seed: int,
     label: str,
 ) -> None:
-    """AdamW with linear warmup and cosine decay; logs a few loss values."""
+    """AdamW with linear warmup and cosine decay; logs a few loss values.
+
+    Batches are drawn on the CPU (the same windows on any device) and moved to
+    the model's device.
+    """
     gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
     opt = torch.optim.AdamW(
         model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
     )
@@ -104,7 +109,7 @@ def train(
     model.train()
     start, running = time.perf_counter(), 0.0
     for step in range(steps):
-        batch = sample_batch(streams, cfg, gen)
+        batch = sample_batch(streams, cfg, gen).to(device)
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
