@@ -237,21 +237,31 @@ def loss_sentence(report: Mapping) -> str:
     sentence += ", ".join(words[1:]) + "."
     selection = report.get("reg_weight_selection")
     if selection and selection.get("held_out_alignment"):
+        limit = f"{selection.get('rise_limit', 2):g} standard errors"
         sentence += (
             f" The regularizer's weight (reg_weight: auto) was {selection['reg_weight']:g}, "
             "the largest of "
             + ", ".join(f"{g:g}" for g in selection["grid"])
             + " whose alignment loss on held-out calibration samples was within one "
-            "standard error of the lowest."
+            "standard error of the lowest, among the weights that raise no expert's "
+            f"held-out loss by more than {limit}."
         )
-        raised = selection.get("raised_experts") or []
-        chosen = selection["grid"].index(selection["reg_weight"])
-        if chosen < len(raised) and raised[chosen]:
+        left_out = [
+            (gamma, who)
+            for gamma, who in zip(
+                selection["grid"], selection.get("raised_experts", [])
+            )
+            if who
+        ]
+        if left_out:
             sentence += (
-                " Against the largest weight it raised the held-out loss of "
-                + ", ".join(short_labels(raised[chosen]))
-                + " by more than one standard error while lowering the total "
-                "(a larger `task_weight` favours an expert's domain)."
+                " Left out because they raised one expert's held-out loss by more "
+                f"than {limit} over the largest weight: "
+                + "; ".join(
+                    f"{gamma:g} ({', '.join(short_labels(who))})"
+                    for gamma, who in left_out
+                )
+                + " (a larger `task_weight` favours an expert's domain)."
             )
     elif selection and selection.get("note"):
         sentence += f" reg_weight: auto: {selection['note']}."
