@@ -1494,7 +1494,12 @@ def main() -> int:
         default=3,
         help="the ablation rows and dare_ties run on the first N seeds (0: all)",
     )
-    parser.add_argument("--work", type=Path, default=ROOT / "bench_out" / "quality")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="models and merges (default bench_out/quality, or quality-large)",
+    )
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--name", default="quality")
     parser.add_argument(
@@ -1521,6 +1526,9 @@ def main() -> int:
         "--replot", action="store_true", help="redraw .md and .png from the .json"
     )
     args = parser.parse_args()
+    # Each scale has its own model cache: a changed fingerprint clears it.
+    large = "-large" if args.scale == "large" else ""
+    args.work = args.work or ROOT / "bench_out" / f"quality{large}"
     if args.smoke:  # never touch the real cache or results
         args.work = args.work.with_name(args.work.name + "-smoke")
         args.results = args.work
