@@ -27,10 +27,10 @@ total is lower. Measured on the quality benchmark's LoRA experts, every weight
 under 0.8 raised code's held-out loss while arithmetic's fell more, and the
 test gain fell with the weight (at 0.2 the largest expert rise was 1.9 to 20
 standard errors over ten seeds); on its full fine-tunes no expert rose by
-more than 0.8 (benchmarks/results/quality.md, sizing notes). The limit is two standard errors, not one: with a few samples
-per expert and several experts per weight, a one-error test flags some expert
-by chance too often, and each false flag sends the choice back to a large
-weight.
+more than 0.8 (benchmarks/results/quality.md, sizing notes). The limit is two
+standard errors, not one: with a few samples per expert and several experts
+per weight, a one-error test flags some expert by chance too often, and each
+false flag sends the choice back to a large weight.
 """
 
 from __future__ import annotations
@@ -87,12 +87,11 @@ def within_one_se(
     points = list(range(len(totals)) if among is None else among)
     lowest = min(points, key=lambda g: float(totals[g]))  # ties: larger
     owner = torch.tensor(list(experts))
+    held = sorted(set(experts) - {-1})
     errors = []
     for g in range(len(totals)):
         difference = shares[g] - shares[lowest]
-        variance = sum(
-            paired_variance(difference[owner == k]) for k in sorted(set(experts) - {-1})
-        )
+        variance = sum(paired_variance(difference[owner == k]) for k in held)
         errors.append(variance**0.5)
     chosen = next(g for g in points if float(totals[g] - totals[lowest]) <= errors[g])
     return chosen, lowest, errors
