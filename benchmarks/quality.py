@@ -559,6 +559,13 @@ def retained(scores: Scores, ref: dict[str, Scores], split: str) -> dict[str, fl
     return out
 
 
+def gain_line(scores: Scores, ref: dict[str, Scores]) -> str:
+    """Mean test retained gain, then each domain's: for the log."""
+    test = retained(scores, ref, "test")
+    by_domain = ", ".join(f"{d} {v:.3f}" for d, v in test.items())
+    return f"{statistics.fmean(test.values()):.4f} ({by_domain})"
+
+
 # --------------------------------------------------------------------------
 # Merging
 # --------------------------------------------------------------------------
@@ -1247,11 +1254,9 @@ def pick_lambda(
         check(out, lam)
     scores = evaluator.score(out, val=False)
     shutil.rmtree(out)
-    test = retained(scores, ref, "test")
-    by_domain = ", ".join(f"{d} {v:.3f}" for d, v in test.items())
     print(
         f"  {label} seed={seed}: λ={lam} picked, test retained gain "
-        f"{statistics.fmean(test.values()):.4f} ({by_domain})"
+        f"{gain_line(scores, ref)}"
     )
     stored.parent.mkdir(parents=True, exist_ok=True)
     partial = stored.with_suffix(".partial")
@@ -1268,7 +1273,9 @@ def run_regime(
     evaluator: Evaluator,
     args,
     publish: Callable[[dict], None],
-) -> dict:
+) -> None:
+    """Train (or load) the regime's models, run every method, and publish the
+    regime's result after every seed: a run cut short keeps what it finished."""
     start = time.perf_counter()
     model_dir = (args.work / "models").resolve()
     models = train_regime(cfg, domains, tokenizer, model_dir, regime, args.device)
@@ -1371,6 +1378,16 @@ def run_regime(
     # reuses that run: the merge is deterministic given its document.
     done: dict[str, tuple[Scores, dict]] = {}
 
+    # What does not change from seed to seed, computed once.
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(models.base)
+    with torch.device("meta"):
+        parameters = sum(
+            p.numel() for p in AutoModelForCausalLM.from_config(config).parameters()
+        )
+    norms = task_vector_norms(models)
+
     def result(seeds: list[int]) -> dict:
         """The regime's result over the seeds done so far."""
         methods = {name: summary(r, ref) for name, r in runs.items()}
@@ -1392,13 +1409,6 @@ def run_regime(
             gain_difference(runs[a], runs[b], ref).entry(a=a, b=b) for a, b in pairs
         ]
         split = gain_difference(runs["expert_merging"], runs[baseline], ref)
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        config = AutoConfig.from_pretrained(models.base)
-        with torch.device("meta"):
-            parameters = sum(
-                p.numel() for p in AutoModelForCausalLM.from_config(config).parameters()
-            )
         kind = {
             "full": "one fully fine-tuned expert per domain",
             "lora": f"one rank-{cfg.lora_rank} LoRA adapter per domain, merged as base+adapter",
@@ -1427,7 +1437,7 @@ def run_regime(
             "lambda_picked": picked,
             "calibration_reports": reports,
             "calibration_seconds": {k: statistics.fmean(v) for k, v in timings.items()},
-            "task_vector_norm": task_vector_norms(models),
+            "task_vector_norm": norms,
             "test_blocks": {d: len(evaluator.test[d]) for d in DOMAINS},
             "exact_match_problems": len(evaluator.sums[0]),
             "wall_s": time.perf_counter() - start,
@@ -1492,12 +1502,10 @@ def run_regime(
                 val = retained(scores, ref, "val")
                 weakest = min(val, key=val.get)
             runs.setdefault(row.label, {})[seed] = scores
-            test = retained(scores, ref, "test")
-            by_domain = ", ".join(f"{d} {v:.3f}" for d, v in test.items())
             loss = report.get("loss", {})
             print(
                 f"  {regime} {row.label} seed {seed}: test retained gain "
-                f"{statistics.fmean(test.values()):.4f} ({by_domain}); init "
+                f"{gain_line(scores, ref)}; init "
                 f"{report['init'][0]:.2f}, γ {report['calibration']['reg_weight']}, "
                 f"alignment {' -> '.join(f'{v:.4f}' for v in loss.values())} "
                 f"(merge {t1 - t0:.0f}s, score {time.perf_counter() - t1:.0f}s)",
@@ -1505,8 +1513,6 @@ def run_regime(
             )
         # Written after every seed: a run cut short keeps what it finished.
         publish(result(seeds[: seeds.index(seed) + 1]))
-
-    return result(seeds)
 
 
 def load_result(path: Path) -> dict:
@@ -1627,7 +1633,7 @@ def main() -> int:
             partial.replace(path)
             write_report(result, args.results, args.name)
 
-        publish(run_regime(regime, cfg, domains, tokenizer, evaluator, args, publish))
+        run_regime(regime, cfg, domains, tokenizer, evaluator, args, publish)
     print((args.results / f"{args.name}.md").read_text())
     return 0
 

@@ -80,7 +80,7 @@ def test_summary_line(published):
     assert re.search(r"; \d+\.\d s$", line)
     # reg_weight: auto (the default): the largest grid value whose held-out
     # loss is within its standard error of the lowest (among the values that
-    # raise no expert's held-out loss by more than its error), used for the
+    # raise no expert's held-out loss by more than two errors), used for the
     # calibration and named in the line and the card.
     selection = report["reg_weight_selection"]
     grid, held = selection["grid"], selection["held_out_alignment"]
