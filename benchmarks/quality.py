@@ -724,6 +724,13 @@ CALIBRATED = [
     # The objective's scale-free option (each expert's loss over its value at
     # the base), closer to retained gain, where every domain counts alike.
     Row("EM: scale-free alignment", "expert_merging", {"alignment_scale": "base"}),
+    # Its logit term alone: in the small models the hidden term is most of
+    # the alignment loss (benchmarks/results/quality_large.md).
+    Row(
+        "EM: scale-free, logit only",
+        "expert_merging",
+        {"alignment_scale": "base", "hidden_weight": 0.0},
+    ),
     Row(
         "EM++: every tensor chunked 2x",
         "expert_merging_pp",
@@ -1496,6 +1503,7 @@ def run_regime(
                     "outcome": report.get("outcome"),
                     "reg_weight": report.get("calibration", {}).get("reg_weight"),
                     "reg_weight_selection": report.get("reg_weight_selection"),
+                    "alignment_terms": report.get("alignment_terms"),
                 }
             )
             if row.label == "expert_merging":
@@ -1503,11 +1511,20 @@ def run_regime(
                 weakest = min(val, key=val.get)
             runs.setdefault(row.label, {})[seed] = scores
             loss = report.get("loss", {})
+            terms = report.get("alignment_terms") or {}
+            split = "; ".join(
+                f"{when} logit/hidden "
+                + ", ".join(
+                    f"{a:.3f}/{b:.3f}" for a, b in zip(part["logit"], part["hidden"])
+                )
+                for when, part in terms.items()
+            )
             print(
                 f"  {regime} {row.label} seed {seed}: test retained gain "
                 f"{gain_line(scores, ref)}; init "
                 f"{report['init'][0]:.2f}, γ {report['calibration']['reg_weight']}, "
                 f"alignment {' -> '.join(f'{v:.4f}' for v in loss.values())} "
+                f"(by expert, {split}) "
                 f"(merge {t1 - t0:.0f}s, score {time.perf_counter() - t1:.0f}s)",
                 flush=True,
             )

@@ -64,6 +64,8 @@ class CalibrationResult:
     stage2: TrainHistory | None
     allocation: Allocation | None
     expert_loss_final: list[float]
+    # each expert's logit and hidden term at the start and at the end
+    alignment_terms: dict[str, dict[str, list[float]]]
     pseudo_labels: list[dict]
     truncated_samples: int
     device: str
@@ -109,6 +111,8 @@ def calibrate(
         state.init = [best] * len(names)
     student.reset(state.init or plan.init_values() or [])
     state.init = list(student.init)  # the float32 alphas the raw init gives
+    student.load()
+    start_terms = objective.term_means(student)
     if settings.reg_weight == "auto":
         if state.reg_selection is None:
             with clock.stage("reg_weight_selection"):
@@ -133,6 +137,7 @@ def calibrate(
             stage2 = train(settings.stage2(), "stage2")
         alphas = student.all_alphas()
     _, final_expert = objective.alignment(student)
+    terms = {"start": start_terms, "final": objective.term_means(student)}
     truncated = sum(s.truncated for s in cache.samples.values())
     return CalibrationResult(
         artifact=CoefficientArtifact(
@@ -153,6 +158,7 @@ def calibrate(
         stage2=stage2,
         allocation=allocation,
         expert_loss_final=final_expert,
+        alignment_terms=terms,
         pseudo_labels=gather_lists(cache.pseudo_labels),
         truncated_samples=int(all_reduce_sum([torch.tensor(float(truncated))])[0]),
         device=placement.device,

@@ -140,8 +140,11 @@ class Objective:
         scales = self.scales or (1.0,) * self.experts
         return tuple(b / s for b, s in zip(self.task_weights, scales))
 
-    def sample_loss(self, student: Student, index: int) -> torch.Tensor:
-        """L_logit + w_h * L_hid of one sample against its own expert."""
+    def sample_terms(
+        self, student: Student, index: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w_l * L_logit, w_h * L_hid) of one sample against its own expert
+        (a term that is off is 0 and costs nothing)."""
         sample = self.cache.samples[index]
         target = self.cache.target(index)
         mask = sample.align_mask(self.align)
@@ -151,17 +154,22 @@ class Objective:
         device = logits.device
         if mask is not None:
             mask = mask.to(device)
-        loss = logits.new_zeros(())
+        logit_term = hidden_term = logits.new_zeros(())
         if self.logit_weight > 0:
             indices = target.indices.to(device) if target.indices is not None else None
-            loss = loss + self.logit_weight * logit_loss(
+            logit_term = self.logit_weight * logit_loss(
                 logits, target.logits.to(device), self.temperature, mask, indices
             )
         if self.hidden_layers:
-            loss = loss + self.hidden_weight * hidden_loss(
+            hidden_term = self.hidden_weight * hidden_loss(
                 hidden, [h.to(device) for h in target.hidden], mask
             )
-        return loss
+        return logit_term, hidden_term
+
+    def sample_loss(self, student: Student, index: int) -> torch.Tensor:
+        """L_logit + w_h * L_hid of one sample against its own expert."""
+        logit_term, hidden_term = self.sample_terms(student, index)
+        return logit_term + hidden_term
 
     @torch.no_grad()
     def sample_losses(self, student: Student) -> torch.Tensor:
@@ -193,6 +201,26 @@ class Objective:
             for k in range(self.experts)
         ]
         return sum(b * m for b, m in zip(self.weights, means)), means
+
+    @torch.no_grad()
+    def term_means(self, student: Student) -> dict[str, list[float]]:
+        """Each expert's mean weighted logit and hidden term at the loaded
+        coefficients (they add up to its alignment loss, before beta_k / s_k):
+        which of the two the objective mostly serves."""
+        terms = torch.zeros(2, len(self.cache.experts), dtype=torch.float64)
+        for index in sorted(self.cache.samples):
+            logit_term, hidden_term = self.sample_terms(student, index)
+            terms[0, index], terms[1, index] = float(logit_term), float(hidden_term)
+        (terms,) = all_reduce_sum([terms])
+        experts = torch.tensor(self.cache.experts)
+        means = [
+            [
+                float(row[experts == k].mean()) if (experts == k).any() else 0.0
+                for k in range(self.experts)
+            ]
+            for row in terms
+        ]
+        return {"logit": means[0], "hidden": means[1]}
 
     def measure(self, student: Student) -> tuple[float, float]:
         """(alignment loss, objective) at the loaded coefficients, over every sample."""

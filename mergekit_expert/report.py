@@ -92,6 +92,7 @@ def _calibration_report(result: CalibrationResult) -> dict[str, Any]:
         "loss": losses,
         "resumed": result.resumed,
         "expert_loss_final": result.expert_loss_final,
+        "alignment_terms": result.alignment_terms,
         **histories,
         "pseudo_labels": result.pseudo_labels,
         "truncated_samples": result.truncated_samples,

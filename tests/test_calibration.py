@@ -9,10 +9,9 @@ from mergekit_expert.testing.cli import run_document
 from mergekit_expert.testing.tiny import TINY_CORPUS as CORPUS
 
 
-def naive_alignment(
-    base_dir, expert_dirs, texts, task_weights, alpha, layer, excluded="init"
-):
-    """sum_k beta_k mean_i [KL(expert_k || TA(alpha)) + MSE(hidden)] with plain HF models.
+def naive_terms(base_dir, expert_dirs, texts, alpha, layer, excluded="init"):
+    """Per expert k: (mean_i KL(expert_k || TA(alpha)), mean_i MSE(hidden)) with
+    plain HF models.
 
     TA(alpha) merges the projections, and every other tensor too when the
     excluded ones hold task arithmetic at the initial alpha (``excluded: init``).
@@ -34,10 +33,10 @@ def naive_alignment(
             merged_state[name] = tensor
     merged = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     merged.load_state_dict(merged_state)
-    total = 0.0
+    terms = []
     with torch.no_grad():
-        for expert, expert_texts, beta in zip(experts, texts, task_weights):
-            losses = []
+        for expert, expert_texts in zip(experts, texts):
+            kls, mses = [], []
             for text in expert_texts:
                 ids = torch.tensor([tokenizer(text)["input_ids"]])
                 teacher = expert(ids, output_hidden_states=True)
@@ -53,9 +52,18 @@ def naive_alignment(
                     .pow(2)
                     .mean()
                 )
-                losses.append(float(kl + mse))
-            total += beta * sum(losses) / len(losses)
-    return total
+                kls.append(float(kl))
+                mses.append(float(mse))
+            terms.append((sum(kls) / len(kls), sum(mses) / len(mses)))
+    return terms
+
+
+def naive_alignment(
+    base_dir, expert_dirs, texts, task_weights, alpha, layer, excluded="init"
+):
+    """sum_k beta_k mean_i [KL(expert_k || TA(alpha)) + MSE(hidden)]."""
+    terms = naive_terms(base_dir, expert_dirs, texts, alpha, layer, excluded)
+    return sum(beta * (kl + mse) for beta, (kl, mse) in zip(task_weights, terms))
 
 
 @pytest.mark.parametrize("excluded", ["init", "base"])
@@ -101,6 +109,18 @@ def test_auto_init_picks_the_best_task_arithmetic_alpha(tiny, tmp_path, excluded
         )
     best = min(curve, key=lambda p: p["loss"])["alpha"]
     assert all(abs(v - best) < 1e-6 for v in report["init"])
+    # the report splits each expert's alignment at the start into its terms
+    kl, mse = zip(*naive_terms(tiny.base, tiny.experts, texts, best, 1, excluded))
+    start = report["alignment_terms"]["start"]
+    torch.testing.assert_close(start["logit"], list(kl), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(start["hidden"], list(mse), rtol=1e-4, atol=1e-6)
+    final = report["alignment_terms"]["final"]
+    torch.testing.assert_close(
+        [a + b for a, b in zip(final["logit"], final["hidden"])],
+        report["expert_loss_final"],
+        rtol=1e-5,
+        atol=1e-7,
+    )
     assert (
         abs(report["loss"]["task_arithmetic_init"] - min(p["loss"] for p in curve))
         < 1e-5
