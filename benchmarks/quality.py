@@ -566,6 +566,17 @@ def gain_line(scores: Scores, ref: dict[str, Scores]) -> str:
     return f"{statistics.fmean(test.values()):.4f} ({by_domain})"
 
 
+def terms_line(report: dict) -> str:
+    """Each expert's logit/hidden term at the start and the end: for the log."""
+    parts = []
+    for when, terms in (report.get("alignment_terms") or {}).items():
+        pairs = zip(terms["logit"], terms["hidden"])
+        parts.append(
+            f"{when} logit/hidden " + ", ".join(f"{a:.3f}/{b:.3f}" for a, b in pairs)
+        )
+    return "; ".join(parts)
+
+
 # --------------------------------------------------------------------------
 # Merging
 # --------------------------------------------------------------------------
@@ -1511,20 +1522,12 @@ def run_regime(
                 weakest = min(val, key=val.get)
             runs.setdefault(row.label, {})[seed] = scores
             loss = report.get("loss", {})
-            terms = report.get("alignment_terms") or {}
-            split = "; ".join(
-                f"{when} logit/hidden "
-                + ", ".join(
-                    f"{a:.3f}/{b:.3f}" for a, b in zip(part["logit"], part["hidden"])
-                )
-                for when, part in terms.items()
-            )
             print(
                 f"  {regime} {row.label} seed {seed}: test retained gain "
                 f"{gain_line(scores, ref)}; init "
                 f"{report['init'][0]:.2f}, γ {report['calibration']['reg_weight']}, "
                 f"alignment {' -> '.join(f'{v:.4f}' for v in loss.values())} "
-                f"(by expert, {split}) "
+                f"(by expert, {terms_line(report)}) "
                 f"(merge {t1 - t0:.0f}s, score {time.perf_counter() - t1:.0f}s)",
                 flush=True,
             )

@@ -194,13 +194,17 @@ class Objective:
     @torch.no_grad()
     def alignment(self, student: Student) -> tuple[float, list[float]]:
         """sum_k beta_k * mean loss of expert k's samples, at the loaded weights."""
-        losses = self.sample_losses(student)
+        means = self.expert_means(self.sample_losses(student))
+        return sum(b * m for b, m in zip(self.weights, means)), means
+
+    def expert_means(self, values: torch.Tensor) -> list[float]:
+        """Each expert's mean of per-sample ``values`` (by global index; 0 for
+        an expert without samples)."""
         experts = torch.tensor(self.cache.experts)
-        means = [
-            float(losses[experts == k].mean()) if (experts == k).any() else 0.0
+        return [
+            float(values[experts == k].mean()) if (experts == k).any() else 0.0
             for k in range(self.experts)
         ]
-        return sum(b * m for b, m in zip(self.weights, means)), means
 
     @torch.no_grad()
     def term_means(self, student: Student) -> dict[str, list[float]]:
@@ -212,15 +216,10 @@ class Objective:
             logit_term, hidden_term = self.sample_terms(student, index)
             terms[0, index], terms[1, index] = float(logit_term), float(hidden_term)
         (terms,) = all_reduce_sum([terms])
-        experts = torch.tensor(self.cache.experts)
-        means = [
-            [
-                float(row[experts == k].mean()) if (experts == k).any() else 0.0
-                for k in range(self.experts)
-            ]
-            for row in terms
-        ]
-        return {"logit": means[0], "hidden": means[1]}
+        return {
+            "logit": self.expert_means(terms[0]),
+            "hidden": self.expert_means(terms[1]),
+        }
 
     def measure(self, student: Student) -> tuple[float, float]:
         """(alignment loss, objective) at the loaded coefficients, over every sample."""
