@@ -728,6 +728,10 @@ CALIBRATED = [
     Row("EM: reg_weight 0.8", "expert_merging", {"reg_weight": 0.8}, core=True),
     Row("EM: excluded at base", "expert_merging", {"excluded": "base"}),
     Row("EM: no hidden loss", "expert_merging", {"hidden_weight": 0.0}),
+    # The hidden term at the last hidden state instead of the middle one: the
+    # middle one raises only the first half's coefficients, which in the
+    # proxy of the large scale cost most of the gain (quality_large.md).
+    Row("EM: hidden at the last layer", "expert_merging", {"hidden_layers": [-1]}),
     Row("EM: no logit loss", "expert_merging", {"logit_weight": 0.0}),
     Row("EM: no regularizer", "expert_merging", {"reg_weight": 0.0}),
     Row("EM: with task weights", "expert_merging", "task_weights"),

@@ -33,7 +33,7 @@ from .sources import (
     option_inputs,
     resolve_models,
 )
-from .student import check_hidden_layers, select_weights
+from .student import resolve_hidden_layers, select_weights
 from .vocabulary import (
     VocabularyCheck,
     check_expert_vocabulary,
@@ -103,7 +103,7 @@ def preflight(
     hidden_layers = settings.hidden_layers
     if hidden_layers is None:
         hidden_layers = [n_blocks // 2]
-    check_hidden_layers(hidden_layers, n_blocks)
+    hidden_layers = resolve_hidden_layers(hidden_layers, n_blocks)
     if settings.hidden_weight == 0:
         hidden_layers = []  # the hidden term is off: no teacher hidden states
     artifact = None

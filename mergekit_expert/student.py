@@ -278,10 +278,17 @@ class Student:
         return next(self.model.parameters()).device
 
 
-def check_hidden_layers(layers: Sequence[int], n_blocks: int) -> None:
+def resolve_hidden_layers(layers: Sequence[int], n_blocks: int) -> list[int]:
+    """Hidden-state indices 0..n_blocks (HF numbering, 0 = embeddings); a
+    negative one counts from the end as in Python (-1: the last hidden state),
+    so one config names the same depth on models of any size."""
+    resolved = []
     for layer in layers:
-        if not 0 <= layer <= n_blocks:
+        if not -(n_blocks + 1) <= layer <= n_blocks:
             raise ExpertMergingError(
                 f"calibration.hidden_layers contains {layer}, but the model has "
-                f"{n_blocks} blocks: valid hidden-state indices are 0..{n_blocks}"
+                f"{n_blocks} blocks: valid hidden-state indices are 0..{n_blocks}, "
+                f"or -{n_blocks + 1}..-1 counted from the last"
             )
+        resolved.append(layer if layer >= 0 else n_blocks + 1 + layer)
+    return resolved

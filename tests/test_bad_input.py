@@ -151,3 +151,11 @@ def test_expert_tensor_missing_from_base(tiny, tmp_path, no_model_loads):
         "model.layers.0.mlp.extra_proj.weight" in output
         and "base model lacks" in output
     )
+
+
+def test_hidden_layer_out_of_range(tiny, tmp_path, no_model_loads):
+    document = expert_config(tiny)
+    document["calibration"]["hidden_layers"] = [-4]  # 2 blocks: -3..-1 or 0..2
+    output = run_failing(tmp_path, document)
+    assert "hidden_layers contains -4" in output
+    assert "0..2" in output and "-3..-1" in output

@@ -66,13 +66,18 @@ def naive_alignment(
     return sum(beta * (kl + mse) for beta, (kl, mse) in zip(task_weights, terms))
 
 
+def calibration_files(folder, texts):
+    """One JSONL calibration file per expert, a ``text`` record per string."""
+    return [
+        write_jsonl(str(folder / f"{k}.jsonl"), [{"text": t} for t in group])
+        for k, group in enumerate(texts)
+    ]
+
+
 @pytest.mark.parametrize("excluded", ["init", "base"])
 def test_auto_init_picks_the_best_task_arithmetic_alpha(tiny, tmp_path, excluded):
     texts = [[CORPUS[0], CORPUS[3]], [CORPUS[2], CORPUS[1]]]
-    files = [
-        write_jsonl(str(tmp_path / f"{k}.jsonl"), [{"text": t} for t in group])
-        for k, group in enumerate(texts)
-    ]
+    files = calibration_files(tmp_path, texts)
     document = {
         "merge_method": "expert_merging",
         "base_model": tiny.base,
@@ -125,3 +130,35 @@ def test_auto_init_picks_the_best_task_arithmetic_alpha(tiny, tmp_path, excluded
         abs(report["loss"]["task_arithmetic_init"] - min(p["loss"] for p in curve))
         < 1e-5
     )
+
+
+def test_negative_hidden_layer_counts_from_the_last(tiny, tmp_path):
+    """hidden_layers: [-1] aligns the last hidden state (index n_blocks = 2 on
+    the tiny models): the report says so, and the start's hidden term is
+    the naive MSE at that index, not at the default middle one."""
+    texts = [[CORPUS[0]], [CORPUS[2]]]
+    files = calibration_files(tmp_path, texts)
+    models = [
+        {"model": m, "parameters": {"calibration": f}}
+        for m, f in zip(tiny.experts, files)
+    ]
+    document = {
+        "merge_method": "expert_merging",
+        "base_model": tiny.base,
+        "models": models,
+        "calibration": {
+            "samples_per_expert": 1,
+            "init": 0.5,
+            "reg_weight": 0.8,
+            "max_steps": 1,
+            "hidden_layers": [-1],
+        },
+    }
+    report = run_document(tmp_path, document, out=tmp_path / "out").report
+    assert report["hidden_layers"] == [2]
+    last = naive_terms(tiny.base, tiny.experts, texts, 0.5, 2)
+    middle = naive_terms(tiny.base, tiny.experts, texts, 0.5, 1)
+    start = report["alignment_terms"]["start"]
+    expected = [mse for _, mse in last]
+    torch.testing.assert_close(start["hidden"], expected, rtol=1e-4, atol=1e-6)
+    assert all(abs(a - b) > 1e-3 * b for (_, a), (_, b) in zip(last, middle))
