@@ -136,8 +136,10 @@ def calibrate(
             allocation = prepare_stage2(student, alphas, state.stage1_raw, settings)
             stage2 = train(settings.stage2(), "stage2")
         alphas = student.all_alphas()
-    _, final_expert = objective.alignment(student)
-    terms = {"start": start_terms, "final": objective.term_means(student)}
+    # one pass at the end: each expert's loss is its two terms added
+    final_terms = objective.term_means(student)
+    final_expert = [sum(pair) for pair in zip(*final_terms.values(), strict=True)]
+    terms = {"start": start_terms, "final": final_terms}
     truncated = sum(s.truncated for s in cache.samples.values())
     return CalibrationResult(
         artifact=CoefficientArtifact(

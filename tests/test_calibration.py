@@ -126,6 +126,13 @@ def test_auto_init_picks_the_best_task_arithmetic_alpha(tiny, tmp_path, excluded
         rtol=1e-5,
         atol=1e-7,
     )
+    # and, weighted by beta, they add up to the training loop's own measure
+    # of the kept coefficients' alignment
+    weighted = sum(
+        beta * (a + b)
+        for beta, a, b in zip([1.0, 1.5], final["logit"], final["hidden"])
+    )
+    assert abs(weighted - report["loss"]["stage1"]) < 1e-5 * max(1.0, weighted)
     assert (
         abs(report["loss"]["task_arithmetic_init"] - min(p["loss"] for p in curve))
         < 1e-5
