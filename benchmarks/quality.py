@@ -710,8 +710,9 @@ PAPER_ALLOCATION: dict = {"allocation": "floor"}
 @dataclass(frozen=True)
 class Row:
     """A calibrated row: label, method, calibration overrides (``task_weights``
-    is filled per seed, see ``run_regime``), and whether it runs on every seed
-    (``core``: the rows the benchmark must resolve) or on the ablation seeds."""
+    is filled per seed and ``middle_layer`` per scale, see ``run_regime``),
+    and whether it runs on every seed (``core``: the rows the benchmark must
+    resolve) or on the ablation seeds."""
 
     label: str
     method: str
@@ -728,10 +729,10 @@ CALIBRATED = [
     Row("EM: reg_weight 0.8", "expert_merging", {"reg_weight": 0.8}, core=True),
     Row("EM: excluded at base", "expert_merging", {"excluded": "base"}),
     Row("EM: no hidden loss", "expert_merging", {"hidden_weight": 0.0}),
-    # The hidden term at the last hidden state instead of the middle one: the
-    # middle one raises only the first half's coefficients, which in the
-    # proxy of the large scale cost most of the gain (quality_large.md).
-    Row("EM: hidden at the last layer", "expert_merging", {"hidden_layers": [-1]}),
+    # The paper's hidden term, at the middle hidden state (n_blocks // 2, set
+    # per scale in run_regime) instead of the default last one: it raises
+    # only the first half's coefficients (quality_large.md).
+    Row("EM: hidden at the middle layer", "expert_merging", "middle_layer"),
     Row("EM: no logit loss", "expert_merging", {"logit_weight": 0.0}),
     Row("EM: no regularizer", "expert_merging", {"reg_weight": 0.0}),
     Row("EM: with task weights", "expert_merging", "task_weights"),
@@ -1490,6 +1491,8 @@ def run_regime(
                 for d in DOMAINS:
                     params[d]["task_weight"] = 1.2 if d == weakest else 1.0
                 overrides = {}
+            elif overrides == "middle_layer":
+                overrides = {"hidden_layers": [cfg.train.layers // 2]}
             calibration = {"seed": seed, **overrides}
             if args.smoke:  # one epoch: the smoke checks the script, not the method
                 calibration["epochs"] = 1

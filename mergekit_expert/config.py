@@ -63,7 +63,9 @@ class CalibrationConfig(BaseModel):
     )
     logit_weight: float = Field(1.0, ge=0)
     hidden_weight: float = Field(1.0, ge=0)
-    hidden_layers: list[int] | None = None
+    # -1: the last hidden state (the paper: the middle one, n_blocks // 2;
+    # README "Differences from the paper").
+    hidden_layers: list[int] = Field(default_factory=lambda: [-1])
     temperature: float = Field(1.0, gt=0)
     align: Literal["all", "response"] = "all"
     # prox (default): full-batch proximal gradient with a line search, at most

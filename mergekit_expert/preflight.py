@@ -100,10 +100,7 @@ def preflight(
     base_shapes = check_shapes(plan, resolved, vocabularies)
     n_blocks = int(getattr(base_config, "num_hidden_layers", 0) or 0)
     settings = plan.calibration
-    hidden_layers = settings.hidden_layers
-    if hidden_layers is None:
-        hidden_layers = [n_blocks // 2]
-    hidden_layers = resolve_hidden_layers(hidden_layers, n_blocks)
+    hidden_layers = resolve_hidden_layers(settings.hidden_layers, n_blocks)
     if settings.hidden_weight == 0:
         hidden_layers = []  # the hidden term is off: no teacher hidden states
     artifact = None

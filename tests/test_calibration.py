@@ -105,7 +105,7 @@ def test_auto_init_picks_the_best_task_arithmetic_alpha(tiny, tmp_path, excluded
             texts,
             [1.0, 1.5],
             point["alpha"],
-            layer=1,
+            layer=2,  # the default: the last hidden state (2 blocks)
             excluded=excluded,
         )
         assert abs(point["loss"] - expected) < 1e-4 * max(1.0, expected), (
@@ -115,7 +115,7 @@ def test_auto_init_picks_the_best_task_arithmetic_alpha(tiny, tmp_path, excluded
     best = min(curve, key=lambda p: p["loss"])["alpha"]
     assert all(abs(v - best) < 1e-6 for v in report["init"])
     # the report splits each expert's alignment at the start into its terms
-    kl, mse = zip(*naive_terms(tiny.base, tiny.experts, texts, best, 1, excluded))
+    kl, mse = zip(*naive_terms(tiny.base, tiny.experts, texts, best, 2, excluded))
     start = report["alignment_terms"]["start"]
     torch.testing.assert_close(start["logit"], list(kl), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(start["hidden"], list(mse), rtol=1e-4, atol=1e-6)
@@ -140,9 +140,10 @@ def test_auto_init_picks_the_best_task_arithmetic_alpha(tiny, tmp_path, excluded
 
 
 def test_negative_hidden_layer_counts_from_the_last(tiny, tmp_path):
-    """hidden_layers: [-1] aligns the last hidden state (index n_blocks = 2 on
-    the tiny models): the report says so, and the start's hidden term is
-    the naive MSE at that index, not at the default middle one."""
+    """hidden_layers: [-2] aligns the hidden state one before the last (index
+    1 on the 2-block tiny models, the paper's middle one): the report says
+    so, and the start's hidden term is the naive MSE at that index, not at
+    the default last one (index 2)."""
     texts = [[CORPUS[0]], [CORPUS[2]]]
     files = calibration_files(tmp_path, texts)
     models = [
@@ -158,14 +159,14 @@ def test_negative_hidden_layer_counts_from_the_last(tiny, tmp_path):
             "init": 0.5,
             "reg_weight": 0.8,
             "max_steps": 1,
-            "hidden_layers": [-1],
+            "hidden_layers": [-2],
         },
     }
     report = run_document(tmp_path, document, out=tmp_path / "out").report
-    assert report["hidden_layers"] == [2]
+    assert report["hidden_layers"] == [1]
     last = naive_terms(tiny.base, tiny.experts, texts, 0.5, 2)
     middle = naive_terms(tiny.base, tiny.experts, texts, 0.5, 1)
     start = report["alignment_terms"]["start"]
-    expected = [mse for _, mse in last]
+    expected = [mse for _, mse in middle]
     torch.testing.assert_close(start["hidden"], expected, rtol=1e-4, atol=1e-6)
     assert all(abs(a - b) > 1e-3 * b for (_, a), (_, b) in zip(last, middle))

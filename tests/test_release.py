@@ -51,8 +51,12 @@ def test_the_model_card(tiny, published):
     assert "expert1" in card and "expert2" in card  # named by their folders
     coefficients = published.coefficients
     report = published.report
+    # The card summarises the calibrated coefficients, not the excluded
+    # weights held at the initial alpha (at_init).
+    assert report["at_init"] and set(report["at_init"]) < set(coefficients)
+    trained = [a for n, a in coefficients.items() if n not in report["at_init"]]
     for k in range(2):
-        values = torch.cat([a[k] for a in coefficients.values()])
+        values = torch.cat([a[k] for a in trained])
         row = (
             f"| {os.path.basename(tiny.experts[k])} | 0.300 | "
             f"{values.min():.3f} / {values.mean():.3f} / {values.max():.3f} | 3 |"

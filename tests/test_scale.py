@@ -50,13 +50,14 @@ def assert_same(a, b, **tolerance):
 
 
 def test_every_tier_equals_resident(tiny, tmp_path):
-    """Same coefficients to 1e-5 (the projection sums in another order)."""
+    """Same coefficients to 1e-5 (the projection sums in another order; ten
+    steps of the line search carry that rounding to about 1e-6 absolute)."""
     resident, report = calibrate(tiny, tmp_path, "resident", task_vectors="resident")
     assert report["task_vectors"] == "resident"
     for tier in ("compact", "host", "streamed"):
         other, report = calibrate(tiny, tmp_path, tier, task_vectors=tier)
         assert report["task_vectors"] == tier
-        assert_same(resident, other, rtol=1e-5, atol=1e-6)
+        assert_same(resident, other, rtol=1e-5, atol=1e-5)
 
 
 def _tier(mode, checkpoints):
@@ -260,8 +261,16 @@ def test_torchrun_reg_weight_auto_equals_one_process(tiny, tmp_path):
     theirs = theirs["reg_weight_selection"]
     # The path moved (otherwise every point would be equal whatever the code).
     assert len(set(ours["held_out_alignment"])) == 3
-    for key in ("held_out_alignment", "standard_error"):
-        assert theirs[key] == pytest.approx(ours[key], rel=1e-5, abs=1e-7)
+    assert theirs["held_out_alignment"] == pytest.approx(
+        ours["held_out_alignment"], rel=1e-5, abs=1e-7
+    )
+    # A standard error is a spread of per-sample differences of losses near
+    # 7: its rounding is theirs (1e-5 of the loss), not 1e-5 of itself (one
+    # process on 1 or 2 threads already differs by 2e-6).
+    scale = max(ours["held_out_alignment"])
+    assert theirs["standard_error"] == pytest.approx(
+        ours["standard_error"], abs=1e-5 * scale
+    )
     assert (theirs["reg_weight"], theirs["lowest"]) == (
         ours["reg_weight"],
         ours["lowest"],
