@@ -995,6 +995,19 @@ SIZING = [
     "where ++ − EM went from −0.0052 ± 0.0042 to −0.0079 ± 0.0029: it dropped "
     "stage 2 where it had helped. Not adopted; its results are in "
     "quality_stage2_check.md.",
+    "- This run: `hidden_layers` defaults to the last hidden state (the paper "
+    "and the runs above: the middle one, now the row `EM: hidden at the middle "
+    "layer`). The models were rebuilt on another machine from the same recipe "
+    "and fingerprints; its numerics make them differ slightly (full: linear "
+    "0.210 → 0.186, task arithmetic on the calibrated tensors 0.214 → 0.189; "
+    "LoRA: task arithmetic 0.218 → 0.215), and the baselines were recomputed. "
+    "Seeds 10–17 (8 of the planned 10, cut for time). `EM: paper optimizer` "
+    "(AdamW lr 0.5, γ 0.8, `excluded: base`, with the default hidden state) "
+    "ended at its start on 8 of 8 full-fine-tune seeds and 3 of 8 LoRA seeds. "
+    "Command: `python benchmarks/quality.py --regime full --seeds 10 11 12 13 "
+    "14 15 16 17 18 19 --ablation-seeds 1 --threads 1 --name quality_full` "
+    "and, at the same time, the same with `--regime lora --name quality_lora`, "
+    "stopped after seed 17 and merged into quality.json.",
 ]
 
 
