@@ -234,7 +234,9 @@ def test_torchrun_two_processes_equal_one_process(tiny, tmp_path):
     out = tmp_path / "ddp"
     torchrun_two_processes(config, out)
     parallel = read_coefficients(out)
-    assert_same(single, parallel, rtol=1e-5, atol=1e-6)
+    # The gathered sums round differently: 1e-6 absolute after ten line-search
+    # steps (on a coefficient near 0), as between the task-vector tiers.
+    assert_same(single, parallel, rtol=1e-5, atol=1e-5)
     report = read_report(out)
     trained(report)
     assert report["world_size"] == 2
