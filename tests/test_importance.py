@@ -169,7 +169,10 @@ def test_pp_end_to_end_chunkwise_task_arithmetic(tiny, tmp_path):
 
 
 def test_kappa_zero_stage2_reproduces_stage1(tiny, tmp_path):
-    _out, report = run_pp(tiny, tmp_path, kappa=0.0, budget=1.0, epochs=1)
+    # These two check where stage 2 starts: a fixed reg_weight and a few steps.
+    _out, report = run_pp(
+        tiny, tmp_path, kappa=0.0, budget=1.0, reg_weight=0.05, max_steps=3
+    )
     assert set(report["allocation"]["chunks"].values()) == {1}
     # Same parametrization, same coefficients: the stage-2 starting loss is stage 1's, bit for bit.
     assert report["stage2"]["alignment_loss"][0] == report["loss"]["stage1"]
@@ -180,7 +183,9 @@ def test_kappa_zero_stage2_reproduces_stage1(tiny, tmp_path):
 
 
 def test_stage2_restart_at_init(tiny, tmp_path):
-    _out, report = run_pp(tiny, tmp_path, stage2_init="init", budget=2.0, epochs=1)
+    _out, report = run_pp(
+        tiny, tmp_path, stage2_init="init", budget=2.0, reg_weight=0.05, max_steps=3
+    )
     # Restarted at alpha-bar: stage 2 starts where plain task arithmetic at the init does.
     assert math.isclose(
         report["stage2"]["alignment_loss"][0],

@@ -74,7 +74,14 @@ def project(tiny, tmp_path, monkeypatch):
             {"model": "models/math", "parameters": {"calibration": "data/math.jsonl"}},
         ],
         "dtype": "float32",
-        "calibration": {"samples_per_expert": 3, "epochs": 1, "init": 0.3},
+        # A fixed reg_weight and a few steps: these tests check what a run
+        # writes and refuses, not how well it calibrates (test_optimizer).
+        "calibration": {
+            "samples_per_expert": 3,
+            "init": 0.3,
+            "reg_weight": 0.05,
+            "max_steps": 10,
+        },
     }
     (root / "merge.yml").write_text(yaml.safe_dump(document))
     monkeypatch.chdir(root)
@@ -206,9 +213,7 @@ def test_plain_methods_follow_the_same_rules(project):
 def test_second_run_on_the_same_out_is_refused(project):
     document = yaml.safe_load(open("merge.yml"))
     # Settings where training moves the coefficients (checked below).
-    document["calibration"].update(
-        {"epochs": 3, "patience": 100, "reg_weight": 0.0, "lr": 0.05}
-    )
+    document["calibration"]["reg_weight"] = 0.0
     write_config(project / "long.yml", document)
     reference = invoke("long.yml", "reference")
     assert reference.exit_code == 0, reference.output

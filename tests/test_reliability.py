@@ -113,7 +113,7 @@ def test_failure_during_write_keeps_existing_out(tiny, tmp_path, monkeypatch):
     from mergekit.io.tensor_writer import TensorWriter
 
     config = write_config(
-        tmp_path / "merge.yml", expert_config(tiny, calibration={"epochs": 1})
+        tmp_path / "merge.yml", expert_config(tiny, calibration={"max_steps": 10})
     )
     out = tmp_path / "out"
     out.mkdir()
@@ -172,7 +172,7 @@ def test_nan_in_an_expert_is_named(tiny, tmp_path):
 def test_same_seed_gives_bit_identical_coefficients(tiny, tmp_path):
     # reg_weight 0.05: at 0.8 these noise experts keep the start, and two runs
     # that never train are identical whatever the code does.
-    calibration = {"epochs": 2, "budget": 2.0, "reg_weight": 0.05}
+    calibration = {"budget": 2.0, "reg_weight": 0.05, "max_steps": 10}
     document = expert_config(tiny, method="expert_merging_pp", calibration=calibration)
     config = write_config(tmp_path / "merge.yml", document)
     first, second = tmp_path / "a", tmp_path / "b"
