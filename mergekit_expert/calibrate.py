@@ -30,7 +30,7 @@ from .output import WorkDir
 from .placement import Placement
 from .preflight import Checked
 from .prox import train_prox
-from .selection import select_reg_weight
+from .selection import check_stage2, select_reg_weight
 from .sources import same_shape
 from .state import CHECKPOINT, CalibrationState, LoopCheckpoint, load_state, save_state
 from .student import Student, select_weights
@@ -60,6 +60,7 @@ class CalibrationResult:
     samples_per_expert: list[int]
     init_curve: list[dict]
     reg_selection: dict | None  # reg_weight: auto's choice and its held-out path
+    stage2_check: dict | None  # ++: whether stage 2 lowered held-out alignment
     stage1: TrainHistory
     stage2: TrainHistory | None
     allocation: Allocation | None
@@ -132,10 +133,27 @@ def calibrate(
     alphas = student.all_alphas()
     stage2 = allocation = None
     if plan.method == "expert_merging_pp":
-        with clock.stage("stage2"):
-            allocation = prepare_stage2(student, alphas, state.stage1_raw, settings)
-            stage2 = train(settings.stage2(), "stage2")
-        alphas = student.all_alphas()
+        selection = state.reg_selection
+        if selection and selection["held_out_alignment"] and not state.stage2_check:
+            # On the folds reg_weight: auto used (selection.py); a fixed
+            # reg_weight has no folds, and stage 2 is always kept (the paper).
+            save_progress(state, work)  # a kill during the check keeps stage 1
+            with clock.stage("stage2_check"):
+                state.stage2_check = check_stage2(
+                    student,
+                    objective,
+                    settings,
+                    lambda a, raw: prepare_stage2(student, a, raw, settings),
+                    names,
+                    options.quiet,
+                ).to_json()
+            save_progress(state, work)
+            student.load_raw(state.stage1_raw)
+        if state.stage2_check is None or state.stage2_check["kept"]:
+            with clock.stage("stage2"):
+                allocation = prepare_stage2(student, alphas, state.stage1_raw, settings)
+                stage2 = train(settings.stage2(), "stage2")
+            alphas = student.all_alphas()
     # one pass at the end: each expert's loss is its two terms added
     final_terms = objective.term_means(student)
     final_expert = [sum(pair) for pair in zip(*final_terms.values(), strict=True)]
@@ -156,6 +174,7 @@ def calibrate(
         samples_per_expert=[len(r) for r in checked.records],
         init_curve=state.init_curve,
         reg_selection=state.reg_selection,
+        stage2_check=state.stage2_check,
         stage1=state.stage1,
         stage2=stage2,
         allocation=allocation,
@@ -363,6 +382,12 @@ def _trainer(
         )
 
     return train
+
+
+def save_progress(state: CalibrationState, work: WorkDir | None) -> None:
+    """Save a finished phase's result at once (rank 0 alone)."""
+    if work is not None and is_main():
+        save_state(work.file(CHECKPOINT), state)
 
 
 def _checkpointer(

@@ -265,6 +265,27 @@ def loss_sentence(report: Mapping) -> str:
             )
     elif selection and selection.get("note"):
         sentence += f" reg_weight: auto: {selection['note']}."
+    check = report.get("stage2_check")
+    if check:
+        held = check["held_out_alignment"]
+        if check["kept"]:
+            verdict = "so stage 2 was kept"
+        elif check["raised_experts"]:
+            verdict = (
+                "but it raised the held-out loss of "
+                + ", ".join(short_labels(check["raised_experts"]))
+                + ", so the merge keeps stage 1's coefficients"
+            )
+        else:
+            verdict = (
+                "not lower by more than one standard error, so the merge keeps "
+                "stage 1's coefficients"
+            )
+        sentence += (
+            f" Stage 2 checked on the same held-out samples: {held['stage2']:.4f} "
+            f"against stage 1's {held['stage1']:.4f} (standard error "
+            f"{check['standard_error']:.4f}), {verdict}."
+        )
     outcome = report.get("outcome", {})
     if outcome and not outcome.get("moved", True):
         sentence += f" **Calibration ended at its start:** {outcome['message']}"

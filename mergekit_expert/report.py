@@ -82,6 +82,7 @@ def _calibration_report(result: CalibrationResult) -> dict[str, Any]:
         "task_weights": result.task_weights,
         "init_curve": result.init_curve,
         "reg_weight_selection": result.reg_selection,
+        "stage2_check": result.stage2_check,
         "samples_per_expert": result.samples_per_expert,
         "hidden_layers": result.hidden_layers,
         "calibration": settings.model_dump(),
@@ -231,7 +232,8 @@ def write_outputs(
     write_json(os.path.join(folder, "report.json"), report)
     calibrated = artifact.calibrated()
     chunks = None
-    if artifact.method == "expert_merging_pp":
+    check = report.get("stage2_check") or {}
+    if artifact.method == "expert_merging_pp" and check.get("kept", True):
         chunks = report.get("allocation", {}).get("chunks") or {
             name: matrix.shape[1] for name, matrix in calibrated.items()
         }
@@ -274,6 +276,9 @@ def summary_line(out_path: str, report: Mapping[str, Any]) -> str:
     selection = report.get("reg_weight_selection")
     if selection:
         parts.append(f"reg_weight {selection['reg_weight']:g} (auto)")
+    check = report.get("stage2_check")
+    if check and not check["kept"]:
+        parts.append("stage 2 not kept (no held-out gain)")
     parts.append(f"{wall:.1f} s")
     line = "; ".join(parts)
     outcome = report.get("outcome") or {}

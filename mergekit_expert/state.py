@@ -47,6 +47,7 @@ class CalibrationState:
     init: list[float] | None = None
     init_curve: list[dict] = field(default_factory=list)
     reg_selection: dict | None = None  # reg_weight: auto's choice
+    stage2_check: dict | None = None  # ++: whether stage 2 is kept (held-out)
     stage1: TrainHistory | None = None
     stage1_raw: dict[str, torch.Tensor] = field(default_factory=dict)
     loop: LoopCheckpoint | None = None
@@ -64,6 +65,7 @@ def save_state(path: str, state: CalibrationState) -> None:
         "init": state.init,
         "init_curve": state.init_curve,
         "reg_selection": state.reg_selection,
+        "stage2_check": state.stage2_check,
         "stage1": dict(state.stage1.__dict__) if state.stage1 else None,
         "loop": None,
     }
@@ -97,6 +99,7 @@ def load_state(path: str) -> CalibrationState:
         init=document["init"],
         init_curve=document["init_curve"],
         reg_selection=document.get("reg_selection"),
+        stage2_check=document.get("stage2_check"),
         stage1=TrainHistory(**document["stage1"]) if document["stage1"] else None,
         stage1_raw=_prefixed(tensors, "stage1_raw/"),
         resumed=True,

@@ -23,7 +23,14 @@ from mergekit_expert.selection import (
     within_one_se,
 )
 from mergekit_expert.testing.calibration import write_jsonl
-from mergekit_expert.testing.cli import run_document
+from mergekit_expert.testing.cli import (
+    invoke,
+    kill_at,
+    reached,
+    read_coefficients,
+    read_report,
+    run_document,
+)
 from mergekit_expert.testing.tiny import TINY_CORPUS
 
 TEXTS = [
@@ -423,3 +430,95 @@ def test_the_paper_recipe_is_expressible(tiny, tmp_path):
     # the artifact holds the projections only.
     assert report["at_init"] == []
     assert all(name.endswith("proj.weight") for name in run.coefficients)
+
+
+# Each expert's two texts differ, or are the same text twice (then the held-out
+# sample is the fitted one, every fold fits alike, the standard error is 0 and
+# stage 2, lowering the fitted loss, lowers the held-out one).
+@pytest.mark.parametrize(
+    "texts", [TEXTS, [[t[0], t[0]] for t in TEXTS]], ids=["distinct", "repeated"]
+)
+def test_stage2_is_kept_only_where_it_lowers_held_out_alignment(tiny, tmp_path, texts):
+    """Expert Merging++ with reg_weight: auto fits stage 1 and then stage 2 on
+    each fold and keeps stage 2 only when the other fold's alignment falls by
+    more than one standard error (raising no expert's by more than RISE_LIMIT);
+    otherwise the merge is exactly Expert Merging's (the same stage 1)."""
+    gamma = 0.02
+    calibration = {
+        "reg_weight": "auto",
+        "reg_grid": [gamma, gamma],  # one weight (a grid has two entries)
+        # 60 steps where the reference minimizer checks the held-out loss
+        "max_steps": 60 if texts is TEXTS else 20,
+        "budget": 3.0,
+        # the held-out path test's state, where the two minimizers agree
+        "hidden_layers": [1],
+    }
+    document = text_experts(tiny, tmp_path, calibration, texts)
+    pp = run_document(
+        tmp_path, {**document, "merge_method": "expert_merging_pp"}, name="pp"
+    )
+    check = pp.report["stage2_check"]
+    held = check["held_out_alignment"]
+    # Stage 1 trained (the start is not the optimum at this gamma).
+    stage1 = pp.report["stage1"]
+    assert stage1["objective"][stage1["kept_epoch"]] < stage1["objective"][0]
+    rise, error = check["expert_rise"], check["expert_rise_error"]
+    assert sum(rise) == pytest.approx(held["stage2"] - held["stage1"], abs=1e-9)
+    names = pp.report["experts"]
+    raised = [names[k] for k in range(2) if rise[k] > RISE_LIMIT * error[k]]
+    assert check["raised_experts"] == raised
+    lower = held["stage2"] < held["stage1"] - check["standard_error"]
+    assert check["kept"] == (lower and not raised)
+    card = (pp.out / "README.md").read_text()
+    if texts is not TEXTS:
+        assert check["standard_error"] == 0.0 and check["kept"]
+        stage2 = pp.report["stage2"]
+        assert stage2["objective"][stage2["kept_epoch"]] < stage2["objective"][0]
+        assert max(c.shape[1] for c in pp.coefficients.values()) > 1
+        assert "so stage 2 was kept" in card
+        # Kept, stage 2 is exactly the one a fixed reg_weight always keeps.
+        fixed = {**document, "merge_method": "expert_merging_pp"}
+        fixed["calibration"] = {**document["calibration"], "reg_weight": gamma}
+        always = run_document(tmp_path, fixed, name="fixed")
+        assert "stage2_check" not in always.report["stages"]
+        assert always.coefficients.keys() == pp.coefficients.keys()
+        for name in always.coefficients:
+            assert torch.equal(pp.coefficients[name], always.coefficients[name])
+        # Killed in stage 2, the run resumes with the saved verdict (the check
+        # is not redone) and ends where the uninterrupted run did.
+        out = tmp_path / "resumed"
+        kill_at(pp.config, out, reached("stage2", 2))
+        result = invoke(pp.config, out, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        resumed = read_report(out)
+        assert resumed["resumed"] and "stage2_check" not in resumed["stages"]
+        assert resumed["stage2_check"] == check
+        for name, tensor in read_coefficients(out).items():
+            assert torch.equal(tensor, pp.coefficients[name]), name
+        return
+    # Stage 1 on each fold, recomputed with the reference minimizer.
+    naive = NaiveObjective(
+        tiny.base, tiny.experts, gamma, "absolute", texts=texts, layer=1
+    )
+    samples, total = naive.samples, 0.0
+    for fold in ({0, 2}, {1, 3}):
+        fit = [s for i, s in enumerate(samples) if i not in fold]
+        alpha = naive.reference_minimum(steps=150, samples=fit)
+        with torch.no_grad():
+            terms = naive.alignment_terms(
+                alpha, samples=[s for i, s in enumerate(samples) if i in fold]
+            )
+        total += float(sum(terms))
+    assert held["stage1"] == pytest.approx(total, rel=0.03)
+    # Fitting two samples chunk by chunk does not carry to the other two, so
+    # the merge is Expert Merging's, bit for bit.
+    assert not check["kept"]
+    assert "stage2" not in pp.report and "allocation" not in pp.report
+    ours, plain = (
+        pp.coefficients,
+        run_document(tmp_path, document, name="em").coefficients,
+    )
+    assert ours.keys() == plain.keys()
+    for name in plain:
+        assert torch.equal(ours[name], plain[name]), name
+    assert "so the merge keeps stage 1's coefficients" in card
