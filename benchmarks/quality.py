@@ -1008,6 +1008,23 @@ SIZING = [
     "14 15 16 17 18 19 --ablation-seeds 1 --threads 1 --name quality_full` "
     "and, at the same time, the same with `--regime lora --name quality_lora`, "
     "stopped after seed 17 and merged into quality.json.",
+    "- Then Expert Merging++ with `reg_weight: auto` got the held-out check of "
+    "stage 2 again, now with the last hidden state and the rise rule (kept "
+    "only when it lowers the folds' held-out alignment by more than one "
+    "standard error and raises no expert's by more than two). On seeds 10–12 "
+    "without it, stage 2 had lost test gain on every LoRA seed (++ − EM "
+    "−0.007, −0.019, −0.016). Only the rows it changes were rerun, on the same "
+    "models and calibration samples: `expert_merging_pp` on seeds 10–14 (cut "
+    "for time; its rows and comparisons here are over those 5 seeds) and the "
+    "three EM++ ablations on seed 10; `expert_merging` reproduced this run's "
+    "numbers exactly on every seed, so the other rows are carried over. Stage "
+    "2 was kept on 4 of 5 full-fine-tune seeds and on 1 of 5 LoRA seeds (seed "
+    "14, where it lost 0.013). Command: `python benchmarks/quality.py "
+    "--regime full --seeds 10 11 12 13 14 15 16 17 --ablation-seeds 1 "
+    "--threads 1 --name quality_full --rows expert_merging expert_merging_pp "
+    "'EM++: paper allocation' 'EM++: every tensor chunked 2x' 'EM++: "
+    "stage2_init init'` and the same with `--regime lora --name quality_lora` "
+    "at the same time, stopped after seed 14, merged into quality.json.",
 ]
 
 

@@ -304,7 +304,7 @@ def check_stage2(
     student: Student,
     objective: Objective,
     settings: CalibrationConfig,
-    chunk: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], None],
+    chunk: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], object],
     names: Sequence[str],
     quiet: bool = False,
 ) -> Stage2Check:
