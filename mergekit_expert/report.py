@@ -278,7 +278,7 @@ def summary_line(out_path: str, report: Mapping[str, Any]) -> str:
         parts.append(f"reg_weight {selection['reg_weight']:g} (auto)")
     check = report.get("stage2_check")
     if check and not check["kept"]:
-        parts.append("stage 2 not kept (no held-out gain)")
+        parts.append("stage 2 not kept (held-out check)")
     parts.append(f"{wall:.1f} s")
     line = "; ".join(parts)
     outcome = report.get("outcome") or {}
