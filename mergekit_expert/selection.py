@@ -146,6 +146,33 @@ def fold_objectives(objective: Objective) -> list[tuple[Objective, Objective]]:
     ]
 
 
+def held_out_shares(
+    student: Student,
+    objective: Objective,
+    points: int,
+    restart: Callable[[], None],
+    fit_point: Callable[[int, Objective], None],
+    desc: str,
+    quiet: bool = False,
+) -> torch.Tensor:
+    """[point, sample]: each sample's held-out alignment after each of ``points``
+    successive fits, over the folds (every sample is held out in exactly one).
+
+    On each fold ``restart()`` puts the student back at its start, then
+    ``fit_point(p, fitted objective)`` trains it to point p in turn.
+    """
+    shares = torch.zeros(points, len(objective.cache.experts), dtype=torch.float64)
+    progress = tqdm(total=FOLDS * points, desc=desc, disable=quiet)
+    for fit, held in fold_objectives(objective):
+        restart()
+        for position in range(points):
+            fit_point(position, fit)
+            shares[position] += held.shares(held.sample_losses(student))
+            progress.update(1)
+    progress.close()
+    return shares
+
+
 @dataclass
 class Selection:
     """The chosen weight and the held-out alignment at every grid point."""
@@ -205,7 +232,6 @@ def select_reg_weight(
         )
         LOG.warning("%s", note)
         return Selection(grid[0], grid, [], note=note)
-    shares = torch.zeros(len(grid), len(experts), dtype=torch.float64)
     # Each point starts where the last one ended, so half the steps reach it.
     # The path always runs the prox optimizer (with adamw the chosen weight is
     # then trained with adamw): gamma belongs to the objective, not the loop.
@@ -216,24 +242,26 @@ def select_reg_weight(
         }
     )
     start = {n: w.detach().clone() for n, w in student.raw.items()}
-    progress = tqdm(
-        total=FOLDS * len(grid), desc="reg_weight: auto (held-out path)", disable=quiet
+
+    def fit_point(position: int, fit: Objective) -> None:
+        train_prox(
+            student,
+            replace(fit, reg_weight=grid[position]),
+            path_settings,
+            desc=f"reg_weight {grid[position]:g}",
+            quiet=True,
+            expert_names=names,
+        )
+
+    shares = held_out_shares(
+        student,
+        objective,
+        len(grid),
+        lambda: student.load_raw(start),
+        fit_point,
+        "reg_weight: auto (held-out path)",
+        quiet,
     )
-    for fit, held in fold_objectives(objective):
-        student.load_raw(start)
-        for position, gamma in enumerate(grid):
-            train_prox(
-                student,
-                replace(fit, reg_weight=gamma),
-                path_settings,
-                desc=f"reg_weight {gamma:g}",
-                quiet=True,
-                expert_names=names,
-            )
-            # every sample is held out in exactly one fold
-            shares[position] += held.shares(held.sample_losses(student))
-            progress.update(1)
-    progress.close()
     student.load_raw(start)
     rises, rise_errors = expert_rises(shares, experts, len(names))
     raised = raised_experts(rises, rise_errors)
@@ -316,27 +344,28 @@ def check_stage2(
     """
     experts = objective.cache.experts
     init = list(student.init)
-    shares = torch.zeros(2, len(experts), dtype=torch.float64)
     loop = train_prox if settings.optimizer == "prox" else train_coefficients
-    progress = tqdm(total=2 * FOLDS, desc="Stage 2 check (held-out)", disable=quiet)
-    for fit, held in fold_objectives(objective):
+
+    def restart() -> None:
         student.reset(init)
         student.load()
-        for stage, stage_settings in enumerate((settings, settings.stage2())):
-            if stage == 1:
-                raw = {n: w.detach().clone() for n, w in student.raw.items()}
-                chunk(student.all_alphas(), raw)
-            loop(
-                student,
-                fit,
-                stage_settings,
-                desc=f"stage {stage + 1} (check)",
-                quiet=True,
-                expert_names=names,
-            )
-            shares[stage] += held.shares(held.sample_losses(student))
-            progress.update(1)
-    progress.close()
+
+    def fit_stage(stage: int, fit: Objective) -> None:
+        if stage == 1:
+            raw = {n: w.detach().clone() for n, w in student.raw.items()}
+            chunk(student.all_alphas(), raw)
+        loop(
+            student,
+            fit,
+            settings if stage == 0 else settings.stage2(),
+            desc=f"stage {stage + 1} (check)",
+            quiet=True,
+            expert_names=names,
+        )
+
+    shares = held_out_shares(
+        student, objective, 2, restart, fit_stage, "Stage 2 check (held-out)", quiet
+    )
     student.reset(init)
     student.load()
     chosen, _, errors = within_one_se(shares, experts)  # 1: stage 2 clearly lower

@@ -174,6 +174,8 @@ def test_kappa_zero_stage2_reproduces_stage1(tiny, tmp_path):
         tiny, tmp_path, kappa=0.0, budget=1.0, reg_weight=0.05, max_steps=3
     )
     assert set(report["allocation"]["chunks"].values()) == {1}
+    stage1 = report["stage1"]  # stage 1 trained: its start is not the point
+    assert stage1["objective"][stage1["kept_epoch"]] < stage1["objective"][0]
     # Same parametrization, same coefficients: the stage-2 starting loss is stage 1's, bit for bit.
     assert report["stage2"]["alignment_loss"][0] == report["loss"]["stage1"]
     assert (
@@ -186,6 +188,8 @@ def test_stage2_restart_at_init(tiny, tmp_path):
     _out, report = run_pp(
         tiny, tmp_path, stage2_init="init", budget=2.0, reg_weight=0.05, max_steps=3
     )
+    stage1 = report["stage1"]  # stage 1 moved, so a warm start would differ
+    assert stage1["objective"][stage1["kept_epoch"]] < stage1["objective"][0]
     # Restarted at alpha-bar: stage 2 starts where plain task arithmetic at the init does.
     assert math.isclose(
         report["stage2"]["alignment_loss"][0],
