@@ -233,8 +233,9 @@ class WorkDir:
         stale = [n for n in os.listdir(self.path) if n not in (LOCK, MARKER)]
         if previous != self.fingerprint and stale:
             LOG.warning(
-                "discarding the saved state in %s: the config, a model or a "
-                "calibration file changed since it was written; starting over",
+                "discarding the saved state in %s: the config, a model, a "
+                "calibration file or the mergekit-expert version changed since "
+                "it was written; starting over",
                 self.path,
             )
             for name in stale:

@@ -18,6 +18,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import Any
 
 import torch
@@ -28,6 +29,10 @@ from .train import LoopState, TrainHistory
 
 CHECKPOINT = "checkpoint.safetensors"
 VERSION = 2
+try:  # a state saved by another release may mean other arithmetic: not resumed
+    PACKAGE_VERSION = metadata.version("mergekit-expert")
+except metadata.PackageNotFoundError:  # run from a source tree
+    PACKAGE_VERSION = "unknown"
 
 
 @dataclass
@@ -183,8 +188,10 @@ def _identities(path: str, content_hash: bool) -> list:
 def fingerprint(
     document: Mapping, model_paths: list[str], data_paths: list[str]
 ) -> str:
-    """Hash of the config, the model files (size and mtime) and the data (content)."""
+    """Hash of the config, the model files (size and mtime), the data (content)
+    and this package's version."""
     payload = {
+        "version": PACKAGE_VERSION,
         "document": document,
         "models": [_identities(p, content_hash=False) for p in model_paths],
         "data": [_identities(p, content_hash=True) for p in data_paths],

@@ -98,6 +98,25 @@ def test_changed_config_invalidates_the_checkpoint(tiny, tmp_path):
     assert report["stage1"]["optimizer_steps"] == EPOCHS * STEPS_PER_EPOCH
 
 
+def test_state_of_another_release_is_not_resumed(tiny, tmp_path, monkeypatch, caplog):
+    from mergekit_expert import state
+
+    config = write_config(
+        tmp_path / "merge.yml", expert_config(tiny, calibration=PAPER_LOOP)
+    )
+    out = tmp_path / "out"
+    saved = kill_at(config, out, reached("stage1", 2))
+    assert saved, "the killed run saved a state to resume from"
+    monkeypatch.setattr(state, "PACKAGE_VERSION", state.PACKAGE_VERSION + ".next")
+    with caplog.at_level("WARNING", logger="mergekit_expert.output"):
+        result = invoke(config, out, quiet=False, catch_exceptions=False)
+    assert result.exit_code == 0
+    assert "mergekit-expert version changed" in caplog.text
+    report = read_report(out)
+    assert not report["resumed"]
+    assert report["stage1"]["optimizer_steps"] == EPOCHS * STEPS_PER_EPOCH
+
+
 def tree_digest(path) -> dict[str, str]:
     digests = {}
     for root, _, names in os.walk(path):
