@@ -610,8 +610,9 @@ def run_config(
 
     shutil.rmtree(out, ignore_errors=True)
     # A run killed earlier left its saved state here; the tool would resume
-    # from it (its fingerprint does not cover the code that wrote it), and a
-    # benchmark result must come from one run of the code being measured.
+    # from it (its fingerprint names the release, not the source tree that
+    # wrote it), and a benchmark result must come from one run of the code
+    # being measured.
     shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
     source = yaml.safe_dump(document, sort_keys=False)
     options = MergeOptions(
