@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import hashlib
 import json
 import logging
@@ -1322,6 +1323,20 @@ def stored_identity(models: Models, evaluator: Evaluator) -> str:
     return hashlib.sha256(json.dumps(made).encode()).hexdigest()
 
 
+def load_stored(stored: Path, made_with: str) -> dict:
+    """A stored result, or {} when there is none or it was made with other
+    models, tokens or code (``stored_identity``)."""
+    saved = torch.load(stored, weights_only=True) if stored.exists() else {}
+    return saved if saved.get("made_with") == made_with else {}
+
+
+def save_stored(stored: Path, entry: dict, made_with: str) -> None:
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    partial = stored.with_suffix(".partial")
+    torch.save({**entry, "made_with": made_with}, partial)
+    partial.replace(stored)  # whole or absent, never torn
+
+
 def pick_lambda(
     evaluator: Evaluator,
     ref: dict[str, Scores],
@@ -1347,8 +1362,8 @@ def pick_lambda(
     name = f"{hashlib.sha256(text.encode()).hexdigest()}.pt"
     stored = work / "baseline-scores" / name
     made_with = stored_identity(models, evaluator)
-    saved = torch.load(stored, weights_only=True) if stored.exists() else {}
-    if saved.get("made_with") == made_with:
+    saved = load_stored(stored, made_with)
+    if saved:
         print(f"  {label} seed={seed}: stored result, λ={saved['lam']}")
         return saved["lam"], Scores(**saved["scores"])
     best = None
@@ -1373,13 +1388,11 @@ def pick_lambda(
         f"  {label} seed={seed}: λ={lam} picked, test retained gain "
         f"{gain_line(scores, ref)}"
     )
-    stored.parent.mkdir(parents=True, exist_ok=True)
-    partial = stored.with_suffix(".partial")
-    torch.save({"lam": lam, "scores": vars(scores), "made_with": made_with}, partial)
-    partial.replace(stored)  # whole or absent, never torn
+    save_stored(stored, {"lam": lam, "scores": vars(scores)}, made_with)
     return lam, scores
 
 
+@functools.cache
 def package_digest() -> str:
     """Of expert merging's own source: a stored calibrated result is only
     reused while the code that made it is unchanged."""
@@ -1423,8 +1436,8 @@ def calibrated_result(
         work / "calibrated-scores" / f"{hashlib.sha256(text.encode()).hexdigest()}.pt"
     )
     made_with = stored_identity(models, evaluator)
-    saved = torch.load(stored, weights_only=True) if stored.exists() else {}
-    if saved.get("made_with") == made_with:
+    saved = load_stored(stored, made_with)
+    if saved:
         print(f"  {doc['merge_method']} seed {seed}: stored result")
         return Scores(**saved["scores"]), json.loads(saved["report"]), saved["seconds"]
     out = work / f"em-{seed}"
@@ -1434,11 +1447,8 @@ def calibrated_result(
     scores = evaluator.score(out, val=val)
     report = json.loads((out / "expert_merging" / "report.json").read_text())
     shutil.rmtree(out)
-    stored.parent.mkdir(parents=True, exist_ok=True)
-    partial = stored.with_suffix(".partial")
     entry = {"scores": vars(scores), "report": json.dumps(report), "seconds": seconds}
-    torch.save({**entry, "made_with": made_with}, partial)
-    partial.replace(stored)  # whole or absent, never torn
+    save_stored(stored, entry, made_with)
     return scores, report, seconds
 
 

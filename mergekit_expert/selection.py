@@ -366,8 +366,7 @@ def check_stage2(
     shares = held_out_shares(
         student, objective, 2, restart, fit_stage, "Stage 2 check (held-out)", quiet
     )
-    student.reset(init)
-    student.load()
+    restart()
     chosen, _, errors = within_one_se(shares, experts)  # 1: stage 2 clearly lower
     rises, rise_errors = expert_rises(shares, experts, len(names))
     raised = [names[k] for k in raised_experts(rises, rise_errors)[1]]

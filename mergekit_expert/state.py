@@ -18,7 +18,6 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any
 
 import torch
@@ -29,10 +28,6 @@ from .train import LoopState, TrainHistory
 
 CHECKPOINT = "checkpoint.safetensors"
 VERSION = 2
-try:  # a state saved by another release may mean other arithmetic: not resumed
-    PACKAGE_VERSION = metadata.version("mergekit-expert")
-except metadata.PackageNotFoundError:  # run from a source tree
-    PACKAGE_VERSION = "unknown"
 
 
 @dataclass
@@ -189,9 +184,12 @@ def fingerprint(
     document: Mapping, model_paths: list[str], data_paths: list[str]
 ) -> str:
     """Hash of the config, the model files (size and mtime), the data (content)
-    and this package's version."""
+    and this package's version (a state saved by another release may mean
+    other arithmetic: it is not resumed)."""
+    from . import __version__  # the one the report records
+
     payload = {
-        "version": PACKAGE_VERSION,
+        "version": __version__,
         "document": document,
         "models": [_identities(p, content_hash=False) for p in model_paths],
         "data": [_identities(p, content_hash=True) for p in data_paths],

@@ -99,7 +99,7 @@ def test_changed_config_invalidates_the_checkpoint(tiny, tmp_path):
 
 
 def test_state_of_another_release_is_not_resumed(tiny, tmp_path, monkeypatch, caplog):
-    from mergekit_expert import state
+    import mergekit_expert
 
     config = write_config(
         tmp_path / "merge.yml", expert_config(tiny, calibration=PAPER_LOOP)
@@ -107,7 +107,8 @@ def test_state_of_another_release_is_not_resumed(tiny, tmp_path, monkeypatch, ca
     out = tmp_path / "out"
     saved = kill_at(config, out, reached("stage1", 2))
     assert saved, "the killed run saved a state to resume from"
-    monkeypatch.setattr(state, "PACKAGE_VERSION", state.PACKAGE_VERSION + ".next")
+    later = mergekit_expert.__version__ + ".next"
+    monkeypatch.setattr(mergekit_expert, "__version__", later)
     with caplog.at_level("WARNING", logger="mergekit_expert.output"):
         result = invoke(config, out, quiet=False, catch_exceptions=False)
     assert result.exit_code == 0
