@@ -114,6 +114,8 @@ def test_state_of_another_release_is_not_resumed(tiny, tmp_path, monkeypatch, ca
     assert result.exit_code == 0
     assert "mergekit-expert version changed" in caplog.text
     report = read_report(out)
+    objective = report["stage1"]["objective"]
+    assert objective[-1] < objective[0], "the fresh start trained"
     assert not report["resumed"]
     assert report["stage1"]["optimizer_steps"] == EPOCHS * STEPS_PER_EPOCH
 
