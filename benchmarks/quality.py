@@ -33,16 +33,14 @@ reported separately so the next run can be sized.
 
 ``--scale large`` trains a ~36M-parameter base (``large_scale``) on the same
 data. On one H200, with both regimes run at once (8 threads each) and merges
-and calibration on the GPU, the base trained in 19 s, each regime's models in
-under 3 minutes and all the baselines' λ grids in about a minute, but one calibrated
-merge took 100-140 s: seeds 0 and 1 of Expert Merging and ++ did not all fit
-in a 9-minute call (the result is now written after every seed, so a call cut
-short keeps what it finished). What that run measured, from its log: every
-expert beat the base on its domain; on validation the best baselines retained
-0.059 (full fine-tunes, task_arithmetic λ 0.05) and 0.088 (LoRA, λ 0.1); on
-test Expert Merging retained -0.351 and -0.423 (full, seeds 0 and 1; ++ -0.357
-on seed 0) and -0.106 (LoRA, seed 0; ++ -0.105): at this scale it loses to
-task arithmetic by far.
+and calibration on the GPU, the base trains in under 30 s, each regime's
+models in under 3 minutes and all the baselines' λ grids in about a minute;
+one calibrated merge takes 130-195 s, so a 9-minute call holds two or three
+of them per regime (the result is written after every merge). What the last
+such run measured (``results/quality_large.md``): every expert beat the base
+on its domain, and on seed 0 Expert Merging lost to task arithmetic by 0.099
+(full fine-tunes) and 0.041 (LoRA) of retained gain, most of it on arithmetic,
+the domain whose expert gains least.
 
 Writes ``benchmarks/results/quality.json`` (``{"regimes": {"full": R, "lora":
 R}}``; a one-regime run keeps the other's entry), ``quality.md`` and
@@ -1675,6 +1673,9 @@ def run_regime(
                 "reg_weight_selection": report.get("reg_weight_selection"),
                 "stage2_check": report.get("stage2_check"),
                 "alignment_terms": report.get("alignment_terms"),
+                "stage_seconds": {
+                    k: v.get("wall_s") for k, v in report.get("stages", {}).items()
+                },
             }
             reports.setdefault(row.label, []).append(by_domain_name(kept, models))
             if row.label == "expert_merging":
@@ -1691,8 +1692,8 @@ def run_regime(
                 f"(merge {seconds:.0f}s; {time.perf_counter() - t0:.0f}s here)",
                 flush=True,
             )
-        # Written after every seed: a run cut short keeps what it finished.
-        publish(result(seeds[: seeds.index(seed) + 1]))
+            # Written after every merge: a run cut short keeps what it finished.
+            publish(result(seeds[: seeds.index(seed) + 1]))
 
 
 def load_result(path: Path) -> dict:
