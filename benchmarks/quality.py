@@ -1223,7 +1223,9 @@ def regime_markdown(regime: str, result: dict) -> list[str]:
     return lines
 
 
-def markdown(result: dict, image: str | None = None) -> str:
+def markdown(result: dict, image: str | None = None, notes: bool = True) -> str:
+    """The report; ``notes``: the benchmark's design and run history (NOTES),
+    which describe the main result only, not a side run's."""
     regimes = result["regimes"]
     lines = [
         "# Merge quality: retained expert gain",
@@ -1252,7 +1254,15 @@ def markdown(result: dict, image: str | None = None) -> str:
         lines += [f"![retained gain per regime]({image})", ""]
     for regime, r in regimes.items():
         lines += regime_markdown(regime, r)
-    lines += ["## Notes", "", *NOTES, *SIZING, ""]
+    if notes:
+        lines += ["## Notes", "", *NOTES, *SIZING, ""]
+    else:
+        lines += [
+            "The benchmark's design and the history of its runs: the notes of "
+            "[quality.md](quality.md); the ~36M-parameter runs: "
+            "[quality_large.md](quality_large.md).",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -1299,7 +1309,8 @@ def plot(result: dict, path: Path) -> None:
 
 def write_report(result: dict, folder: Path, name: str) -> None:
     plot(result, folder / f"{name}.png")
-    (folder / f"{name}.md").write_text(markdown(result, f"{name}.png"))
+    text = markdown(result, f"{name}.png", notes=name == "quality")
+    (folder / f"{name}.md").write_text(text)
 
 
 # --------------------------------------------------------------------------
