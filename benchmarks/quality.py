@@ -704,16 +704,27 @@ def excluded_task_vectors_zero(models: Models, excluded: list[str]) -> bool:
     return True
 
 
-def write_calibration(cfg: QualityConfig, domains, tokenizer, folder: Path, seed: int):
-    """Seeded calibration samples, drawn from the train splits only."""
+def write_calibration(
+    cfg: QualityConfig,
+    domains,
+    tokenizer,
+    folder: Path,
+    seed: int,
+    split: str = "train",
+):
+    """Seeded calibration samples, drawn from the train splits (the default:
+    text the experts were trained on) or the validation splits (text none of
+    the models saw in training)."""
     n, max_tokens = 5, cfg.train.seq_len  # the method's default samples per expert
     records = {
         name: text_records(
-            domains[name].train, tokenizer, n, max_tokens, 1000 * seed + i
+            getattr(domains[name], split), tokenizer, n, max_tokens, 1000 * seed + i
         )
         for i, name in enumerate(("code", "prose", "unicode"))
     }
-    records["arithmetic"] = sum_prompts(arithmetic_pairs(cfg.data)[0], n, seed)
+    train_pairs, val_pairs, _ = arithmetic_pairs(cfg.data)
+    pairs = train_pairs if split == "train" else val_pairs
+    records["arithmetic"] = sum_prompts(pairs, n, seed)
     return write_sets(folder, records)
 
 
@@ -1613,7 +1624,9 @@ def run_regime(
             f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, "
             f"vocabulary {config.vocab_size}) pre-trained on the mixture of "
             f"{', '.join(DOMAINS)}; {kind}; seeds {seeds} (ablation rows and dare_ties: "
-            f"{ablation_seeds}). Deterministic methods run once (std 0). Δ is against "
+            f"{ablation_seeds}); calibration samples from the "
+            f"{args.calibration_split} split. Deterministic methods run once (std 0). "
+            "Δ is against "
             f"the best training-free merge ({baseline}); significant = |Δ| > 2 se, se "
             "combining seed spread and paired test-block sampling error."
         )
@@ -1625,6 +1638,7 @@ def run_regime(
             "expert_check": expert_check,
             "seeds": seeds,
             "ablation_seeds": ablation_seeds,
+            "calibration_split": args.calibration_split,
             "best_baseline": baseline,
             "methods": methods,
             "comparisons": comparisons,
@@ -1646,8 +1660,16 @@ def run_regime(
         }
 
     for seed in seeds:
+        folder = (
+            "calibration" if args.calibration_split == "train" else "calibration-val"
+        )
         calib = write_calibration(
-            cfg, domains, tokenizer, work / f"calibration-{seed}", seed
+            cfg,
+            domains,
+            tokenizer,
+            work / f"{folder}-{seed}",
+            seed,
+            args.calibration_split,
         )
         weakest = None
         for row in CALIBRATED:
@@ -1757,6 +1779,13 @@ def main() -> int:
         metavar="ROW",
         help="only these calibrated rows (the ablation rows still on the first "
         "--ablation-seeds seeds; 0: on every seed); expert_merging is always one",
+    )
+    parser.add_argument(
+        "--calibration-split",
+        choices=["train", "val"],
+        default="train",
+        help="where the calibration samples come from: the experts' training "
+        "text (default) or the validation split, which no model trained on",
     )
     parser.add_argument(
         "--replot", action="store_true", help="redraw .md and .png from the .json"
