@@ -1090,6 +1090,20 @@ SIZING = [
     "--rows expert_merging expert_merging_pp` and the same with `--regime "
     "lora --name quality_lora`, one core each at the same time, merged into "
     "quality_fresh_seeds.json.",
+    "- Then `expert_merging` and `expert_merging_pp` were run on all 12 seeds "
+    "10–21 (the same models and samples; the code differed from the runs "
+    "above only outside the method), and every seed reproduced its earlier "
+    "report exactly, so these two rows now cover seeds 10–21 (`EM: paper "
+    "optimizer` and `EM: reg_weight 0.8`: 10–17; the ablations: 10). Full "
+    "fine-tunes: EM − task arithmetic +0.1087 ± 0.0052, ++ − EM +0.0032 ± "
+    "0.0011 (stage 2 kept on 10 of 12 seeds). LoRA experts: EM − task "
+    "arithmetic +0.0087 ± 0.0050, **not significant** (1.7 se; seeds 0.0038, "
+    "test sampling 0.0032), and ++ − EM −0.0036 ± 0.0018 (stage 2 kept on 4 "
+    "of 12 seeds, and lost on each). Command: `python benchmarks/quality.py "
+    "--regime full --seeds 10 11 12 13 14 15 16 17 18 19 20 21 "
+    "--ablation-seeds 1 --threads 1 --name quality_full --rows expert_merging "
+    "expert_merging_pp` and the same with `--regime lora --name quality_lora`, "
+    "one core each at the same time (84 and 76 min), merged into quality.json.",
 ]
 
 
