@@ -1104,6 +1104,20 @@ SIZING = [
     "--ablation-seeds 1 --threads 1 --name quality_full --rows expert_merging "
     "expert_merging_pp` and the same with `--regime lora --name quality_lora`, "
     "one core each at the same time (84 and 76 min), merged into quality.json.",
+    "- Why stage 2's check fails on LoRA experts: they owe more of their gain "
+    "on their training text to memorising it (prose: the LoRA expert cuts the "
+    "base's loss by 0.373 nats on training text and 0.104 on validation text, "
+    "the full fine-tune by 0.295 and 0.142), and the calibration samples and "
+    "the check's held-out folds are both drawn from that text. Seeds 18–21 "
+    "with calibration samples from the validation split instead "
+    "(`--calibration-split val`, quality_lora_val.md): the check dropped stage "
+    "2 on all 4 seeds (from the training text it kept it on 3 and each lost), "
+    "so ++ = EM there; EM itself did not change on average (val − train "
+    "−0.0004 ± 0.0091, per seed +0.009, −0.010, −0.020, +0.019) and stayed "
+    "level with task arithmetic (+0.001 ± 0.014). Command: `python "
+    "benchmarks/quality.py --regime lora --seeds 18 19 20 21 --ablation-seeds "
+    "1 --threads 1 --calibration-split val --name quality_lora_val --rows "
+    "expert_merging expert_merging_pp`.",
 ]
 
 
