@@ -28,6 +28,7 @@ reported separately so the next run can be sized.
     python benchmarks/quality.py --regime lora    # one regime; the other is kept
     python benchmarks/quality.py --smoke          # tiny training, checks it runs
     python benchmarks/quality.py --replot         # .md and .png from the .json
+    python benchmarks/quality.py --calibration-split val   # samples from unseen text
     python benchmarks/quality.py --scale large --device cuda --regime full \
         --seeds 0 1 --rows expert_merging expert_merging_pp --name quality_large_full
 
@@ -1104,7 +1105,7 @@ SIZING = [
     "--ablation-seeds 1 --threads 1 --name quality_full --rows expert_merging "
     "expert_merging_pp` and the same with `--regime lora --name quality_lora`, "
     "one core each at the same time (84 and 76 min), merged into quality.json.",
-    "- Why stage 2's check fails on LoRA experts: they owe more of their gain "
+    "- A likely reason stage 2's check fails on LoRA experts: they owe more of their gain "
     "on their training text to memorising it (prose: the LoRA expert cuts the "
     "base's loss by 0.373 nats on training text and 0.104 on validation text, "
     "the full fine-tune by 0.295 and 0.142), and the calibration samples and "
