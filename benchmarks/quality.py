@@ -1610,8 +1610,8 @@ def run_regime(
 
     reports: dict[str, list[dict]] = {}
     timings: dict[str, list[float]] = {}
-    # A row whose document equals an earlier one's (an override still empty)
-    # reuses that run: the merge is deterministic given its document.
+    # A row whose document (and scoring) equals an earlier run's comes back
+    # from calibrated_result's store instead of merging again.
 
     # What does not change from seed to seed, computed once.
     from transformers import AutoConfig, AutoModelForCausalLM
