@@ -712,11 +712,12 @@ def write_calibration(
     folder: Path,
     seed: int,
     split: str = "train",
+    n: int = 5,
 ):
-    """Seeded calibration samples, drawn from the train splits (the default:
-    text the experts were trained on) or the validation splits (text none of
-    the models saw in training)."""
-    n, max_tokens = 5, cfg.train.seq_len  # the method's default samples per expert
+    """``n`` seeded calibration samples per domain (5: the method's default),
+    drawn from the train splits (the default: text the experts were trained
+    on) or the validation splits (text none of the models saw in training)."""
+    max_tokens = cfg.train.seq_len
     records = {
         name: text_records(
             getattr(domains[name], split), tokenizer, n, max_tokens, 1000 * seed + i
@@ -749,6 +750,7 @@ class Row:
     method: str
     overrides: dict | str
     core: bool = False
+    samples: int = 5  # calibration samples per expert (its own folder if not 5)
 
 
 CALIBRATED = [
@@ -784,6 +786,17 @@ CALIBRATED = [
         {"budget": 2.0, "kappa": 0.0},
     ),
     Row("EM++: stage2_init init", "expert_merging_pp", {"stage2_init": "init"}),
+    # The default init_grid starts at 0.1, and init: auto picked that edge on
+    # every full fine-tune seed (and at 36M): would it go lower if it could?
+    # (Full fine-tunes, seeds 10-17: it went to 0.075 on two and lost there.)
+    Row(
+        "EM: init grid from 0.025",
+        "expert_merging",
+        {"init_grid": [0.025, 0.05, 0.075, *(round(0.1 * i, 1) for i in range(1, 11))]},
+    ),
+    # Four times the paper's handful of samples: how much of the seed spread
+    # and of the gap to task arithmetic is the calibration data's size.
+    Row("EM: 20 samples per expert", "expert_merging", {}, samples=20),
 ]
 BASELINES = ("linear", "task_arithmetic", TA_SAME, "ties", "dare_ties")
 
@@ -1119,6 +1132,34 @@ SIZING = [
     "benchmarks/quality.py --regime lora --seeds 18 19 20 21 --ablation-seeds "
     "1 --threads 1 --calibration-split val --name quality_lora_val --rows "
     "expert_merging expert_merging_pp`.",
+    "- LoRA experts, seeds 22–43 added (22 fresh seeds, the same code; seeds "
+    "10–21 came back from the store unchanged), so `expert_merging` and "
+    "`expert_merging_pp` cover 34 seeds there: EM − task arithmetic +0.0076 ± "
+    "0.0046, **still not significant** (1.7 se; seeds 0.0034, test sampling "
+    "0.0031); the fresh seeds 22–33 alone gave +0.0106 ± 0.0064. ++ − EM "
+    "−0.0022 ± 0.0009 (stage 2 kept on 7 of 34 seeds). Command: `python "
+    "benchmarks/quality.py --regime lora --seeds 22 … 33 --ablation-seeds 1 "
+    "--threads 1 --name quality_lora_more --rows expert_merging "
+    "expert_merging_pp`, the same for seeds 34–43, then seeds 10–43 at once "
+    "from the store, merged into quality.json.",
+    "- `EM: 20 samples per expert` (LoRA, seeds 10–15, four times the paper's "
+    "5 samples): +0.0163 ± 0.0054 over task arithmetic (significant) and "
+    "+0.0091 ± 0.0071 over the same seeds' 5-sample EM (not significant; "
+    "per seed +0.008, +0.022, −0.025, +0.014, +0.021, +0.015). A merge took "
+    "285 s instead of 79 s. `reg_weight: auto` still chose γ 0.8 on every "
+    "seed. Six seeds suggest, not show, that adapter experts want more "
+    "calibration data. Command: `python benchmarks/quality.py --regime lora "
+    "--seeds 10 11 12 13 14 15 --ablation-seeds 6 --threads 1 --name "
+    'quality_lora_samples --rows expert_merging "EM: 20 samples per '
+    'expert"`.',
+    "- `EM: init grid from 0.025` (full fine-tunes, seeds 10–17): with 0.025, "
+    "0.05 and 0.075 below the default grid's lowest 0.1, `init: auto` still "
+    "chose 0.1 on 6 of 8 seeds, 0.075 on the other two, and lost there: "
+    "−0.0033 ± 0.0022 against the default. At this scale the default grid's "
+    "edge does not bind (at 36M it is untested). Command: `python "
+    "benchmarks/quality.py --regime full --seeds 10 … 17 --ablation-seeds 8 "
+    '--threads 1 --name quality_full_initgrid --rows expert_merging "EM: '
+    'init grid from 0.025"`.',
 ]
 
 
@@ -1692,21 +1733,25 @@ def run_regime(
         folder = (
             "calibration" if args.calibration_split == "train" else "calibration-val"
         )
-        calib = write_calibration(
-            cfg,
-            domains,
-            tokenizer,
-            work / f"{folder}-{seed}",
-            seed,
-            args.calibration_split,
-        )
+        calib: dict[int, dict] = {}  # per number of samples
         weakest = None
         for row in CALIBRATED:
             if args.rows and row.label not in args.rows:
                 continue
             if not row.core and seed not in ablation_seeds:
                 continue
-            params = {d: {"calibration": str(calib[d])} for d in DOMAINS}
+            if row.samples not in calib:
+                size = "" if row.samples == 5 else f"-n{row.samples}"
+                calib[row.samples] = write_calibration(
+                    cfg,
+                    domains,
+                    tokenizer,
+                    work / f"{folder}-{seed}{size}",
+                    seed,
+                    args.calibration_split,
+                    row.samples,
+                )
+            params = {d: {"calibration": str(calib[row.samples][d])} for d in DOMAINS}
             overrides = row.overrides
             if overrides == "task_weights":
                 # The paper raises β of its weakest expert (code: 1.2); pick the
@@ -1717,6 +1762,8 @@ def run_regime(
             elif overrides == "middle_layer":
                 overrides = {"hidden_layers": [cfg.train.layers // 2]}
             calibration = {"seed": seed, **overrides}
+            if row.samples != 5:
+                calibration["samples_per_expert"] = row.samples
             if args.smoke:  # one epoch: the smoke checks the script, not the method
                 calibration["epochs"] = 1
             doc = document(models, row.method, params, calibration=calibration)
