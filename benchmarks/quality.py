@@ -81,6 +81,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from mergekit_expert.config import INIT_GRID, CalibrationConfig
 from mergekit_expert.testing.calibration import sum_prompts, text_records, write_sets
 from mergekit_expert.testing.corpus import (
     DataConfig,
@@ -124,6 +125,8 @@ EVALUATION_ONLY = (
 # check that the experts are experts, the same for every method. (It was 2 %;
 # the full prose expert, retrained with one torch thread, measured 1.98 %.)
 MIN_GAIN = 0.015
+# The method's default calibration samples per expert (the paper's 5).
+DEFAULT_SAMPLES = CalibrationConfig().samples_per_expert
 # The projections a community LoRA adapts: attention and MLP of every block.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
 LORA_TARGETS += ("down_proj",)
@@ -712,9 +715,9 @@ def write_calibration(
     folder: Path,
     seed: int,
     split: str = "train",
-    n: int = 5,
+    n: int = DEFAULT_SAMPLES,
 ):
-    """``n`` seeded calibration samples per domain (5: the method's default),
+    """``n`` seeded calibration samples per domain (default: the method's),
     drawn from the train splits (the default: text the experts were trained
     on) or the validation splits (text none of the models saw in training)."""
     max_tokens = cfg.train.seq_len
@@ -750,7 +753,8 @@ class Row:
     method: str
     overrides: dict | str
     core: bool = False
-    samples: int = 5  # calibration samples per expert (its own folder if not 5)
+    # calibration samples per expert (its own folder if not the default)
+    samples: int = DEFAULT_SAMPLES
 
 
 CALIBRATED = [
@@ -792,7 +796,7 @@ CALIBRATED = [
     Row(
         "EM: init grid from 0.025",
         "expert_merging",
-        {"init_grid": [0.025, 0.05, 0.075, *(round(0.1 * i, 1) for i in range(1, 11))]},
+        {"init_grid": [0.025, 0.05, 0.075, *INIT_GRID]},
     ),
     # Four times the paper's handful of samples: how much of the seed spread
     # and of the gap to task arithmetic is the calibration data's size.
@@ -1729,10 +1733,8 @@ def run_regime(
             f"{torch.get_num_threads()} threads, torch {torch.__version__}",
         }
 
+    folder = "calibration" if args.calibration_split == "train" else "calibration-val"
     for seed in seeds:
-        folder = (
-            "calibration" if args.calibration_split == "train" else "calibration-val"
-        )
         calib: dict[int, dict] = {}  # per number of samples
         weakest = None
         for row in CALIBRATED:
@@ -1741,7 +1743,7 @@ def run_regime(
             if not row.core and seed not in ablation_seeds:
                 continue
             if row.samples not in calib:
-                size = "" if row.samples == 5 else f"-n{row.samples}"
+                size = "" if row.samples == DEFAULT_SAMPLES else f"-n{row.samples}"
                 calib[row.samples] = write_calibration(
                     cfg,
                     domains,
@@ -1762,7 +1764,7 @@ def run_regime(
             elif overrides == "middle_layer":
                 overrides = {"hidden_layers": [cfg.train.layers // 2]}
             calibration = {"seed": seed, **overrides}
-            if row.samples != 5:
+            if row.samples != DEFAULT_SAMPLES:
                 calibration["samples_per_expert"] = row.samples
             if args.smoke:  # one epoch: the smoke checks the script, not the method
                 calibration["epochs"] = 1
