@@ -26,6 +26,7 @@ test: $(STAMP)
 # benchmarks/gpu_scale.py, needs a GPU machine and is run by hand).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/quality.py
+	$(BIN)/python benchmarks/ceiling.py --regime lora
 	$(BIN)/python benchmarks/perf.py
 	$(BIN)/python benchmarks/scale.py
 	$(BIN)/python examples/demo/run.py --out demo_out
