@@ -163,10 +163,18 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--fits", type=int, nargs="+", help="indices into FITS")
     parser.add_argument(
+        "--blocks",
+        type=int,
+        default=None,
+        help="blocks per domain to fit on (default: every validation block); "
+        "the results file gets a -blocksN suffix",
+    )
+    parser.add_argument(
         "--replot", action="store_true", help="rewrite the .md from the .json"
     )
     args = parser.parse_args()
-    path = args.results / f"ceiling_{args.regime}.json"
+    suffix = f"-blocks{args.blocks}" if args.blocks else ""
+    path = args.results / f"ceiling_{args.regime}{suffix}.json"
     if args.replot:
         result = json.loads(path.read_text())
         path.with_suffix(".md").write_text(markdown(result))
@@ -190,13 +198,11 @@ def main() -> int:
         for n in ["base", *Q.DOMAINS]
     }
     gains = {d: ref["base"].loss("val", d) - ref[d].loss("val", d) for d in Q.DOMAINS}
-    seq = cfg.train.seq_len
+    seq, count = cfg.train.seq_len, args.blocks or cfg.val_blocks
     text = {
-        "val": evaluator.val,
+        "val": {d: blocks[:count] for d, blocks in evaluator.val.items()},
         "train": {
-            d: eval_blocks(
-                token_stream(domains[d].train, tokenizer), seq, cfg.val_blocks
-            )
+            d: eval_blocks(token_stream(domains[d].train, tokenizer), seq, count)
             for d in Q.DOMAINS
         },
     }
@@ -231,7 +237,7 @@ def main() -> int:
         "start": f"task arithmetic, lambda {lam} on every calibrated tensor",
         "steps": args.steps,
         "lr": args.lr,
-        "blocks_per_domain": cfg.val_blocks,
+        "blocks_per_domain": count,
         "tensors": len(taus.names),
         "fits": [],
     }
