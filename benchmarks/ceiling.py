@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality as Q  # noqa: E402
 
 from mergekit_expert.config import DEFAULT_EXCLUDE  # noqa: E402
+from mergekit_expert.objective import logit_loss  # noqa: E402
 from mergekit_expert.student import Student  # noqa: E402
 from mergekit_expert.task_vectors import ResidentTaskVectors  # noqa: E402
 from mergekit_expert.testing.training import eval_blocks, token_stream  # noqa: E402
@@ -71,17 +72,15 @@ def task_vectors(model, models: Q.Models) -> ResidentTaskVectors:
         dict(AutoModelForCausalLM.from_pretrained(models.path[d]).named_parameters())
         for d in Q.DOMAINS
     ]
-    out = {}
+    base, stacked = {}, {}
     for name, weight in model.named_parameters():
         if any(p.search(name) for p in patterns):
             continue
         rows = torch.stack([(e[name] - weight).detach().reshape(-1) for e in experts])
         if bool(rows.abs().max() > 0):
-            out[name] = rows
-    base = {
-        n: dict(model.named_parameters())[n].detach().reshape(-1).clone() for n in out
-    }
-    return ResidentTaskVectors(base, out)
+            base[name] = weight.detach().reshape(-1).clone()
+            stacked[name] = rows
+    return ResidentTaskVectors(base, stacked)
 
 
 def head_logits(model, blocks: torch.Tensor) -> torch.Tensor:
@@ -112,9 +111,7 @@ def fit(
                     logits.reshape(-1, logits.size(-1)), blocks[d][:, 1:].reshape(-1)
                 )
             else:
-                teacher = torch.log_softmax(teachers[d], dim=-1)
-                merged = torch.log_softmax(logits, dim=-1)
-                term = (teacher.exp() * (teacher - merged)).sum(-1).mean()
+                term = logit_loss(logits, teachers[d])
             weight = (1 / gains[d] if spec.weights == "gain" else 1.0) / len(Q.DOMAINS)
             (term * weight).backward()
             total += float(term.detach()) * weight
@@ -246,19 +243,25 @@ def main() -> int:
     )
     result["task_arithmetic"] = score(start_student)
     print(f"task arithmetic {lam}: {result['task_arithmetic']['retained_gain']:.4f}")
-    for index in args.fits if args.fits is not None else range(len(FITS)):
-        spec = FITS[index]
-        teachers = {}
-        if spec.target == "kl":
+    teachers: dict[str, dict[str, torch.Tensor]] = {}  # per text, computed once
+
+    def teacher_logits(which: str) -> dict[str, torch.Tensor]:
+        if which not in teachers:
+            teachers[which] = {}
             for d in Q.DOMAINS:
                 expert = AutoModelForCausalLM.from_pretrained(models.path[d]).eval()
                 with torch.no_grad():
-                    teachers[d] = head_logits(expert, text[spec.text][d])
+                    teachers[which][d] = head_logits(expert, text[which][d])
+        return teachers[which]
+
+    for index in args.fits if args.fits is not None else range(len(FITS)):
+        spec = FITS[index]
+        targets = teacher_logits(spec.text) if spec.target == "kl" else {}
         student = Student(
             model, taus, init=[lam] * len(Q.DOMAINS), activation="identity"
         )
         history = fit(
-            student, text[spec.text], spec, gains, teachers, args.steps, args.lr
+            student, text[spec.text], spec, gains, targets, args.steps, args.lr
         )
         entry = {**vars(spec), "objective": [history[0], history[-1]], **score(student)}
         result["fits"].append(entry)
