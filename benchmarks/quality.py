@@ -71,6 +71,7 @@ import random
 import re
 import shutil
 import statistics
+import tempfile
 import time
 import unicodedata
 from collections.abc import Callable
@@ -1703,7 +1704,12 @@ def run_regime(
     runs["mixture training"] = {None: ref["mixture"]}
     picked: dict[str, list[float]] = {}
     work = args.work.resolve() / "merges" / regime
-    shutil.rmtree(models.lora_cache, ignore_errors=True)  # merged adapters
+    # Merged adapters, in a folder of this run's own: runs that share a work
+    # folder must not remove each other's.
+    work.mkdir(parents=True, exist_ok=True)
+    models = replace(
+        models, lora_cache=Path(tempfile.mkdtemp(prefix="lora-merged-", dir=work))
+    )
 
     out = work / "linear"
     linear = document(models, "linear", {d: {"weight": 1.0} for d in DOMAINS})
@@ -1916,7 +1922,7 @@ def run_regime(
             print(
                 f"  {regime} {row.label} seed {seed}: test retained gain "
                 f"{gain_line(scores, ref)}; init "
-                f"{report['init'][0]:.2f}, γ {report['calibration']['reg_weight']}, "
+                f"{report['init'][0]:.4g}, γ {report['calibration']['reg_weight']}, "
                 f"alignment {' -> '.join(f'{v:.4f}' for v in loss.values())} "
                 f"(by expert, {terms_line(report)}) "
                 f"(merge {seconds:.0f}s; {time.perf_counter() - t0:.0f}s here)",
@@ -1924,6 +1930,7 @@ def run_regime(
             )
             # Written after every merge: a run cut short keeps what it finished.
             publish(result(seeds[: seeds.index(seed) + 1]))
+    shutil.rmtree(models.lora_cache)
 
 
 def load_result(path: Path) -> dict:

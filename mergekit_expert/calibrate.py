@@ -30,7 +30,7 @@ from .output import WorkDir
 from .placement import Placement
 from .preflight import Checked
 from .prox import train_prox
-from .selection import check_stage2, select_reg_weight
+from .selection import check_stage2, select_init, select_reg_weight
 from .sources import same_shape
 from .state import CHECKPOINT, CalibrationState, LoopCheckpoint, load_state, save_state
 from .student import Student, select_weights
@@ -42,7 +42,7 @@ from .teacher import (
     has_tokenizer,
     run_teachers,
 )
-from .train import OnStep, TrainHistory, search_init, train_coefficients
+from .train import OnStep, TrainHistory, train_coefficients
 
 LOG = logging.getLogger(__name__)
 
@@ -105,10 +105,9 @@ def calibrate(
         objective = replace(objective, scales=base_scales(student, objective, names))
     if state.init is None and plan.init_values() is None:
         with clock.stage("init_search"):
-            best, state.init_curve = search_init(
+            best, state.init_curve = select_init(
                 student, objective, settings.init_grid, options.quiet
             )
-        LOG.info("init: auto chose alpha=%s", best)
         state.init = [best] * len(names)
     student.reset(state.init or plan.init_values() or [])
     state.init = list(student.init)  # the float32 alphas the raw init gives

@@ -71,19 +71,6 @@ class TrainHistory:
         return False
 
 
-def search_init(
-    student: Student, objective: Objective, grid: Sequence[float], quiet: bool = False
-) -> tuple[float, list[dict]]:
-    """The shared alpha of the grid whose task-arithmetic merge aligns best."""
-    curve = []
-    for value in tqdm(grid, desc="Init search (task arithmetic)", disable=quiet):
-        student.set_uniform(value)
-        loss, per_expert = objective.alignment(student)
-        curve.append({"alpha": value, "loss": loss, "expert_loss": per_expert})
-    best = min(curve, key=lambda point: point["loss"])
-    return best["alpha"], curve
-
-
 def make_scheduler(optimizer, config: CalibrationConfig, total_steps: int):
     eta_min = 0.1 * config.step
     if config.schedule == "cosine_restarts":
