@@ -857,6 +857,9 @@ CALIBRATED = [
     # On LoRA experts every seed where init: auto chose 0.1 (not 0.2) lost
     # far more than any other: is it the start, or the gamma chosen with it?
     Row("EM: init 0.2", "expert_merging", {"init": 0.2}),
+    # Starting below init: auto's 0.2 (0.15 to 0.175) lost on LoRA experts:
+    # does starting above it gain?
+    Row("EM: init 0.3", "expert_merging", {"init": 0.3}),
 ]
 BASELINES = ("linear", "task_arithmetic", TA_SAME, "ties", "dare_ties")
 
