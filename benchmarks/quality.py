@@ -315,7 +315,9 @@ class Models:
     base: Path
     ref: dict[str, str]
     path: dict[str, Path]
-    lora_cache: Path
+    # This run's own folder for merge outputs and merged adapters (run_regime
+    # makes it): runs that share a work folder must not remove each other's.
+    scratch: Path | None = None
     fingerprint: str = ""  # of the data and training that made them
     device: str = "cpu"  # where merges compute and calibration runs
 
@@ -380,7 +382,6 @@ def train_regime(
         base_dir,
         ref={n: str(folder / n) for n in names},
         path={n: folder / n for n in names},
-        lora_cache=model_dir / f"lora-merged-{regime}",
         fingerprint=fingerprint(cfg, domains, regime),
         device=device,
     )
@@ -398,7 +399,6 @@ def train_regime(
         print(f"{regime} models cached in {folder} (fingerprint {fp})")
         return models
     shutil.rmtree(folder, ignore_errors=True)
-    shutil.rmtree(models.lora_cache, ignore_errors=True)
     tc = cfg.train
     streams = {n: token_stream(d.train, tokenizer) for n, d in domains.items()}
     print("train tokens: " + ", ".join(f"{n}={len(s)}" for n, s in streams.items()))
@@ -624,7 +624,7 @@ def run_config(
         random_seed=seed,
         quiet=True,
         write_model_card=False,
-        lora_merge_cache=str(models.lora_cache),
+        lora_merge_cache=str(models.scratch / "lora-merged"),
     )
     if document["merge_method"] in METHOD_NAMES:
         run_expert_merge(document, str(out), options, config_source=source)
@@ -1602,7 +1602,8 @@ def pick_lambda(
         return saved["lam"], Scores(**saved["scores"])
     best = None
     for lam in grid:
-        out = work / f"{label.replace(' ', '_').replace(':', '')}-{lam}-{seed}"
+        folder = f"{label.replace(' ', '_').replace(':', '')}-{lam}-{seed}"
+        out = models.scratch / folder
         run_config(make(lam), out, models, seed)
         scores = evaluator.score(out, test=False)
         value = statistics.fmean(retained(scores, ref, "val").values())
@@ -1674,7 +1675,7 @@ def calibrated_result(
     if saved:
         print(f"  {doc['merge_method']} seed {seed}: stored result")
         return Scores(**saved["scores"]), json.loads(saved["report"]), saved["seconds"]
-    out = work / f"em-{seed}"
+    out = models.scratch / f"em-{seed}"
     t0 = time.perf_counter()
     run_config(doc, out, models)
     seconds = time.perf_counter() - t0
@@ -1727,14 +1728,11 @@ def run_regime(
     runs["mixture training"] = {None: ref["mixture"]}
     picked: dict[str, list[float]] = {}
     work = args.work.resolve() / "merges" / regime
-    # Merged adapters, in a folder of this run's own: runs that share a work
-    # folder must not remove each other's.
     work.mkdir(parents=True, exist_ok=True)
-    models = replace(
-        models, lora_cache=Path(tempfile.mkdtemp(prefix="lora-merged-", dir=work))
-    )
+    scratch = Path(tempfile.mkdtemp(prefix="run-", dir=work))
+    models = replace(models, scratch=scratch)
 
-    out = work / "linear"
+    out = scratch / "linear"
     linear = document(models, "linear", {d: {"weight": 1.0} for d in DOMAINS})
     del linear["base_model"]  # the experts' plain average
     run_config(linear, out, models)
@@ -1953,7 +1951,7 @@ def run_regime(
             )
             # Written after every merge: a run cut short keeps what it finished.
             publish(result(seeds[: seeds.index(seed) + 1]))
-    shutil.rmtree(models.lora_cache)
+    shutil.rmtree(scratch)
 
 
 def load_result(path: Path) -> dict:
