@@ -66,7 +66,6 @@ import hashlib
 import json
 import logging
 import math
-import platform
 import random
 import re
 import shutil
@@ -81,6 +80,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from scale import cpu_name  # this folder's; the script runs from it
 
 from mergekit_expert.config import INIT_GRID, CalibrationConfig
 from mergekit_expert.testing.calibration import sum_prompts, text_records, write_sets
@@ -1872,7 +1872,7 @@ def run_regime(
                 if args.device.startswith("cuda")
                 else ""
             )
-            + f"{platform.processor() or platform.machine()}, "
+            + f"{cpu_name()}, "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}",
         }
 
