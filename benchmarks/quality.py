@@ -1304,6 +1304,30 @@ SIZING = [
     "`python benchmarks/quality.py --regime lora --seeds 41 13 46 "
     "--ablation-seeds 1 --threads 1 --name quality_lora_init_rule --rows "
     "expert_merging expert_merging_pp`, the same for seed 54.",
+    "- `EM: 20 samples per expert`, full fine-tunes, seeds 10–21 "
+    "(quality_full_samples20.md), on another machine (an Intel Xeon; the "
+    "runs above were on AMD EPYC): the models trained there differ (task "
+    "arithmetic's retained gain is 0.2427 on both, but per domain 0.156 / "
+    "0.597 / 0.099 / 0.119 against 0.155 / 0.588 / 0.094 / 0.134; on only "
+    "the calibrated tensors 0.214 against 0.189), so its numbers are not "
+    "paired with quality.json's. There `expert_merging` retains 0.300 (std "
+    "0.040), +0.057 ± 0.013 over task arithmetic, half the +0.109 of "
+    "quality.json; with 20 samples 0.323 (std 0.013), +0.080 ± 0.007. 20 − 5 "
+    "samples: +0.023 ± 0.012 (not significant; higher on 9 of 12 seeds; per "
+    "seed −0.002, +0.045, −0.018, +0.016, +0.014, +0.017, +0.013, −0.026, "
+    "+0.034, +0.025, +0.023, +0.134), the seed spread a third. Seed 21 with 5 "
+    "samples: `reg_weight: auto` found the lowest held-out alignment at γ 0 "
+    "(1.267 against 1.637 at 0.8) but code's held-out loss rose by 2.7 "
+    "standard errors at γ 0.2, so the rule kept 0.8; the coefficients then "
+    "moved by at most 0.00025 (alignment 0.81956 → 0.81955) and the merge "
+    "retained 0.200, below task arithmetic, with no warning (the report's "
+    "outcome counts any move as moved). A merge took 234 s instead of 60 s. "
+    "Commands: `python benchmarks/quality.py --regime full --seeds 10 11 12 "
+    "--ablation-seeds 3 --threads 1 --name quality_full_samples20_a --rows "
+    'expert_merging "EM: 20 samples per expert"`, the same for seeds 13–15, '
+    "16–19 and 20–21 (two at a time, one core each), then seeds 10–21 at "
+    "once from the store with `--ablation-seeds 12 --name "
+    "quality_full_samples20`.",
 ]
 
 
