@@ -286,7 +286,8 @@ def loss_sentence(report: Mapping) -> str:
             f"against stage 1's {held['stage1']:.4f} (standard error "
             f"{check['standard_error']:.4f}), {verdict}."
         )
-    outcome = report.get("outcome", {})
-    if outcome and not outcome.get("moved", True):
-        sentence += f" **Calibration ended at its start:** {outcome['message']}"
+    outcome = report.get("outcome") or {}
+    if outcome.get("message"):
+        where = "barely moved from" if outcome["moved"] else "ended at"
+        sentence += f" **Calibration {where} its start:** {outcome['message']}"
     return sentence

@@ -16,6 +16,7 @@ from torch.func import functional_call
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mergekit_expert.card import loss_sentence
+from mergekit_expert.report import BARELY_MOVED
 from mergekit_expert.selection import (
     RISE_LIMIT,
     expert_rises,
@@ -404,6 +405,32 @@ def test_the_start_is_kept_and_explained_when_it_is_the_optimum(tiny, tmp_path):
     assert f"Warning: calibration ended at its start: {message}" in run.output
     card = open(os.path.join(run.out, "README.md")).read()
     assert "**Calibration ended at its start:**" in card
+
+
+def test_a_run_that_barely_moves_says_so(tiny, tmp_path):
+    """Just below the weight at which the start is the optimum the largest
+    gradient outweighs the pull by a hair: the coefficients move, but the
+    merge is task arithmetic in all but the last digits, and the run says so
+    as it does for one that did not move."""
+    calibration = {"samples_per_expert": 3, "init": INIT, "reg_weight": 1000.0}
+    start = run_document(tmp_path, noise_experts(tiny, calibration), name="start")
+    assert not start.report["outcome"]["moved"]
+    calibration["reg_weight"] = 0.99 * 1000.0 * start.report["stage1"]["start_ratio"]
+    run = run_document(tmp_path, noise_experts(tiny, calibration), name="barely")
+    # The change, read off the written coefficients.
+    change = max(
+        float((alpha - run.report["init"][0]).abs().max())
+        for alpha in run.coefficients.values()
+    )
+    assert 1e-6 < change < BARELY_MOVED
+    outcome = run.report["outcome"]
+    assert outcome["moved"] and outcome["max_change"] == pytest.approx(change)
+    message = outcome["message"]
+    assert f"no coefficient moved by more than {change:.2g}" in message
+    assert "lower calibration.reg_weight" in message
+    assert f"Warning: calibration barely moved from its start: {message}" in run.output
+    card = (run.out / "README.md").read_text()
+    assert "**Calibration barely moved from its start:**" in card
 
 
 def test_the_paper_recipe_is_expressible(tiny, tmp_path):
