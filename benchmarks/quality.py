@@ -1321,7 +1321,8 @@ SIZING = [
     "standard errors at γ 0.2, so the rule kept 0.8; the coefficients then "
     "moved by at most 0.00025 (alignment 0.81956 → 0.81955) and the merge "
     "retained 0.200, below task arithmetic, with no warning (the report's "
-    "outcome counts any move as moved). A merge took 234 s instead of 60 s. "
+    "outcome counted any move as moved; such a run now warns that it barely "
+    "moved). A merge took 234 s instead of 60 s. "
     "Commands: `python benchmarks/quality.py --regime full --seeds 10 11 12 "
     "--ablation-seeds 3 --threads 1 --name quality_full_samples20_a --rows "
     'expert_merging "EM: 20 samples per expert"`, the same for seeds 13–15, '
