@@ -286,8 +286,15 @@ def loss_sentence(report: Mapping) -> str:
             f"against stage 1's {held['stage1']:.4f} (standard error "
             f"{check['standard_error']:.4f}), {verdict}."
         )
-    outcome = report.get("outcome") or {}
-    if outcome.get("message"):
-        where = "barely moved from" if outcome["moved"] else "ended at"
-        sentence += f" **Calibration {where} its start:** {outcome['message']}"
+    heading = outcome_heading(report.get("outcome") or {})
+    if heading:
+        sentence += f" **{heading.capitalize()}:** {report['outcome']['message']}"
     return sentence
+
+
+def outcome_heading(outcome: Mapping) -> str | None:
+    """What a run's ``outcome`` warns of (it has a message only then), or None."""
+    if not outcome.get("message"):
+        return None
+    where = "barely moved from" if outcome["moved"] else "ended at"
+    return f"calibration {where} its start"

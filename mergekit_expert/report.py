@@ -13,7 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .card import card_section, plot_coefficients, short_labels, without_local_paths
+from .card import (
+    card_section,
+    outcome_heading,
+    plot_coefficients,
+    short_labels,
+    without_local_paths,
+)
 from .coefficients import ARTIFACT_DIR, ARTIFACT_NAME, CoefficientArtifact
 
 if TYPE_CHECKING:
@@ -143,13 +149,12 @@ def outcome(result: CalibrationResult) -> dict[str, Any]:
 
 def outcome_warning(found: Mapping[str, Any]) -> str | None:
     """The warning a run's outcome calls for, or None."""
-    if not found.get("message"):
-        return None
-    where = "barely moved from" if found["moved"] else "ended at"
-    return f"calibration {where} its start: {found['message']}"
+    heading = outcome_heading(found)
+    return f"{heading}: {found['message']}" if heading else None
 
 
 def why_barely_moved(result: CalibrationResult, change: float) -> str:
+    """Why the coefficients moved by only ``change``, and which key to change."""
     gamma = float(result.settings.reg_weight)  # the number used (auto: the chosen)
     chosen = (
         " (reg_weight: auto kept it: the lower weights raised some expert's "
