@@ -1329,6 +1329,14 @@ SIZING = [
     "16–19 and 20–21 (two at a time, one core each), then seeds 10–21 at "
     "once from the store with `--ablation-seeds 12 --name "
     "quality_full_samples20`.",
+    "- LoRA experts on the same Intel machine, seeds 10–19 "
+    "(quality_lora_intel.md; `expert_merging` only): task arithmetic 0.2240 "
+    "(AMD: 0.2153), `expert_merging` 0.2363 (std 0.023), +0.0123 ± 0.0081, "
+    "not significant, as on AMD (+0.0081 ± 0.0043 over 42 seeds). "
+    "`init: auto` took 0.1 on seed 10, which retained 0.2246. Command: "
+    "`python benchmarks/quality.py --regime lora --seeds 10 … 19 "
+    "--ablation-seeds 1 --threads 1 --name quality_lora_intel --rows "
+    "expert_merging`.",
 ]
 
 
