@@ -238,6 +238,8 @@ def loss_sentence(report: Mapping) -> str:
     selection = report.get("reg_weight_selection")
     if selection and selection.get("held_out_alignment"):
         limit = f"{selection.get('rise_limit', 2):g} standard errors"
+        if selection.get("trade_share"):
+            limit += f" and {selection['trade_share']:g} of the total's fall"
         sentence += (
             f" The regularizer's weight (reg_weight: auto) was {selection['reg_weight']:g}, "
             "the largest of "

@@ -40,6 +40,9 @@ INIT_GRID = tuple(round(0.1 * i, 1) for i in range(1, 11))
 PROX_LR, ADAMW_LR = 0.05, 0.5  # the default lr of each optimizer
 # reg_weight: auto's path, the paper's 0.8 down to none
 REG_GRID = (0.8, 0.2, 0.05, 0.0)
+# samples_per_expert: auto draws up to this many records per expert, all of a
+# file's records when it holds fewer (README "Differences from the paper").
+AUTO_SAMPLES = 20
 
 
 class CalibrationConfig(BaseModel):
@@ -47,7 +50,8 @@ class CalibrationConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    samples_per_expert: int = Field(5, ge=1)
+    samples_per_expert: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
+    # a number of samples_per_expert above a file's records fails unless this
     allow_fewer_samples: bool = False
     epochs: int = Field(5, ge=1)
     patience: int = Field(3, ge=1)

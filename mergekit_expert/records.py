@@ -19,7 +19,9 @@ import random
 import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
+from .config import AUTO_SAMPLES
 from .errors import ExpertMergingError
 
 SUPPORTED = "a .jsonl/.json/.txt/.parquet file or a directory saved with datasets"
@@ -317,13 +319,39 @@ def load_records(path: str) -> list[CalibrationRecord]:
 
 def choose_records(
     records: Sequence[CalibrationRecord],
+    count: int | Literal["auto"],
+    seed: int,
+    *,
+    allow_fewer: bool,
+    source: str,
+) -> list[CalibrationRecord]:
+    """The seeded subset of ``count`` records an expert calibrates on
+    (``auto``: ``AUTO_SAMPLES``, or all of them when there are fewer)."""
+    if count != "auto":
+        return _seeded_subset(
+            records, count, seed, allow_fewer=allow_fewer, source=source
+        )
+    if len(records) < AUTO_SAMPLES:
+        logging.getLogger(__name__).info(
+            "%s has %d records; samples_per_expert: auto uses them all (it takes "
+            "up to %d)",
+            source,
+            len(records),
+            AUTO_SAMPLES,
+        )
+    number = min(len(records), AUTO_SAMPLES)
+    return _seeded_subset(records, number, seed, allow_fewer=True, source=source)
+
+
+def _seeded_subset(
+    records: Sequence[CalibrationRecord],
     count: int,
     seed: int,
     *,
     allow_fewer: bool,
     source: str,
 ) -> list[CalibrationRecord]:
-    """The seeded subset of ``count`` records an expert calibrates on."""
+    """``count`` records drawn with ``seed`` (in file order)."""
     if len(records) < count:
         if not allow_fewer:
             raise ExpertMergingError(

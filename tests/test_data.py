@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from mergekit_expert.config import AUTO_SAMPLES, CalibrationConfig
 from mergekit_expert.data import epoch_order, make_sample, render
 from mergekit_expert.errors import ExpertMergingError
 from mergekit_expert.records import CalibrationRecord, choose_records, load_records
@@ -132,3 +133,15 @@ def test_render_with_and_without_chat_template(tiny):
     short = make_sample(0, record, prompt, response, max_length=4)
     assert short.truncated and len(short.input_ids) == 4
     assert torch.equal(short.input_ids, torch.tensor(prompt + response)[:4])
+
+
+def test_samples_per_expert_auto_takes_up_to_twenty_and_never_fails():
+    """The default draws AUTO_SAMPLES records (the same seeded ones as asking
+    for that number), or every record of a smaller file without an error."""
+    assert CalibrationConfig().samples_per_expert == "auto" and AUTO_SAMPLES == 20
+    many = [CalibrationRecord(f"f:{i}", text=str(i)) for i in range(30)]
+    chosen = choose_records(many, "auto", 3, allow_fewer=False, source="f")
+    assert chosen == choose_records(many, 20, 3, allow_fewer=False, source="f")
+    assert len({r.where for r in chosen}) == 20
+    few = many[:8]
+    assert choose_records(few, "auto", 3, allow_fewer=False, source="f") == few

@@ -19,6 +19,7 @@ from mergekit_expert.card import loss_sentence
 from mergekit_expert.report import BARELY_MOVED
 from mergekit_expert.selection import (
     RISE_LIMIT,
+    TRADE_SHARE,
     expert_rises,
     raised_experts,
     within_one_se,
@@ -273,7 +274,12 @@ def test_reg_weight_auto_follows_the_held_out_alignment(
         assert sum(rise[g]) == pytest.approx(ours[g] - ours[0], abs=1e-9)
         assert min(rise_error[g]) >= 0.0
     raised = [
-        [k for k in range(2) if rise[g][k] > RISE_LIMIT * rise_error[g][k]]
+        [
+            k
+            for k in range(2)
+            if rise[g][k] > RISE_LIMIT * rise_error[g][k]
+            and rise[g][k] > TRADE_SHARE * max(-sum(rise[g]), 0.0)
+        ]
         for g in range(3)
     ]
     names = run.report["experts"]
@@ -352,6 +358,9 @@ def test_a_weight_that_raises_one_experts_loss_is_left_out_by_hand():
     assert errors[3][0] == pytest.approx(0.2)
     # 5 errors is over the limit; 1.5 errors (over one, under two) is not.
     assert raised_experts(rises, errors) == [[], [], [0], []]
+    # Point 2's rise, 0.5, is 0.38 of the total's fall (1.3): more than an
+    # eighth, so it still counts as a trade.
+    assert raised_experts(rises, errors, TRADE_SHARE) == [[], [], [0], []]
     # Point 1 keeps every expert, point 2 raises expert 0: the rule picks
     # between points 0 and 1. Point 0 - point 1: expert 0 differs by -0.1,
     # 0.05 (se 0.15), expert 1 by 0.2, 0.2 (se 0): 6.0 - 5.65 = 0.35 > 0.15.
@@ -372,6 +381,31 @@ def test_a_weight_that_raises_one_experts_loss_is_left_out_by_hand():
         },
     }
     assert "over the largest weight: 0 (code)" in loss_sentence(report)
+
+
+def test_a_significant_rise_small_beside_the_others_gain_is_not_a_trade():
+    """The share rule by hand: expert 0 rises by 5 standard errors at both
+    points; at point 1 the total falls by 2.9, so the rise (0.1) is 0.034 of
+    the fall and the point stays in; at point 2 the total falls by 0.5 and the
+    same rise is 0.2 of it: left out. Where the total rises, any significant
+    rise counts."""
+    assert TRADE_SHARE == 0.125
+    experts = [0, 0, 1, 1]
+    shares = torch.tensor(
+        [
+            [1.0, 1.0, 2.0, 2.0],
+            [1.06, 1.04, 0.5, 0.5],  # expert 0 +0.1 (se 0.02), expert 1 -3.0
+            [1.06, 1.04, 1.7, 1.7],  # expert 0 +0.1 (se 0.02), expert 1 -0.6
+            [1.06, 1.04, 2.0, 2.0],  # expert 0 +0.1, the total rises
+        ],
+        dtype=torch.float64,
+    )
+    rises, errors = expert_rises(shares, experts, 2)
+    assert rises[1] == pytest.approx([0.1, -3.0])
+    assert rises[2] == pytest.approx([0.1, -0.6])
+    assert [e[0] for e in errors[1:]] == pytest.approx([0.02] * 3)
+    assert raised_experts(rises, errors) == [[], [0], [0], [0]]
+    assert raised_experts(rises, errors, TRADE_SHARE) == [[], [], [0], [0]]
 
 
 def test_reg_weight_auto_with_one_sample_per_expert_uses_the_largest(tiny, tmp_path):
