@@ -21,6 +21,10 @@ import yaml
 
 # Builds one expert's ``parameters:`` from its domain's calibration file.
 ParamsFn = Callable[[Path], dict]
+# The paper's 5 of each expert's 20 records: the default (samples_per_expert:
+# auto) takes all 20, which made one expert_merging run take several times as
+# long, too long for a first look (README "The demo").
+DEMO_CALIBRATION = {"samples_per_expert": 5}
 
 
 def weight(value: float) -> ParamsFn:
@@ -70,6 +74,8 @@ def write_config(
         ],
         "dtype": "float32",
     }
+    if merge.cli == "mergekit-expert":
+        config["calibration"] = DEMO_CALIBRATION
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
 
 
