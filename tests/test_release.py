@@ -108,7 +108,7 @@ def test_summary_line(published):
     left_out = [g for g, who in zip(grid, selection["raised_experts"]) if who]
     named = "Left out because they raised one expert's held-out loss" in card
     assert named == bool(left_out)
-    assert "by more than 2 standard errors" in card
+    assert "by more than 2 standard errors and 0.125 of the total's fall" in card
 
 
 def test_heatmap_columns_are_distinct_for_same_named_checkpoints():
