@@ -59,6 +59,7 @@ class CalibrationResult:
     hidden_layers: list[int]
     samples_per_expert: list[int]
     init_curve: list[dict]
+    init_selection: dict | None  # init: auto's held-out fits
     reg_selection: dict | None  # reg_weight: auto's choice and its held-out path
     stage2_check: dict | None  # ++: whether stage 2 lowered held-out alignment
     stage1: TrainHistory
@@ -105,10 +106,10 @@ def calibrate(
         objective = replace(objective, scales=base_scales(student, objective, names))
     if state.init is None and plan.init_values() is None:
         with clock.stage("init_search"):
-            best, state.init_curve = select_init(
-                student, objective, settings.init_grid, options.quiet
-            )
-        state.init = [best] * len(names)
+            start = select_init(student, objective, settings, names, options.quiet)
+        state.init = [start.alpha] * len(names)
+        state.init_curve = start.curve
+        state.init_selection = start.to_json()
     student.reset(state.init or plan.init_values() or [])
     state.init = list(student.init)  # the float32 alphas the raw init gives
     student.load()
@@ -172,6 +173,7 @@ def calibrate(
         hidden_layers=list(objective.hidden_layers),
         samples_per_expert=[len(r) for r in checked.records],
         init_curve=state.init_curve,
+        init_selection=state.init_selection,
         reg_selection=state.reg_selection,
         stage2_check=state.stage2_check,
         stage1=state.stage1,

@@ -87,6 +87,7 @@ def _calibration_report(result: CalibrationResult) -> dict[str, Any]:
     report: dict[str, Any] = {
         "task_weights": result.task_weights,
         "init_curve": result.init_curve,
+        "init_selection": result.init_selection,
         "reg_weight_selection": result.reg_selection,
         "stage2_check": result.stage2_check,
         "samples_per_expert": result.samples_per_expert,

@@ -46,6 +46,7 @@ class LoopCheckpoint:
 class CalibrationState:
     init: list[float] | None = None
     init_curve: list[dict] = field(default_factory=list)
+    init_selection: dict | None = None  # init: auto's held-out fits
     reg_selection: dict | None = None  # reg_weight: auto's choice
     stage2_check: dict | None = None  # ++: whether stage 2 is kept (held-out)
     stage1: TrainHistory | None = None
@@ -64,6 +65,7 @@ def save_state(path: str, state: CalibrationState) -> None:
         "version": VERSION,
         "init": state.init,
         "init_curve": state.init_curve,
+        "init_selection": state.init_selection,
         "reg_selection": state.reg_selection,
         "stage2_check": state.stage2_check,
         "stage1": dict(state.stage1.__dict__) if state.stage1 else None,
@@ -98,6 +100,7 @@ def load_state(path: str) -> CalibrationState:
     state = CalibrationState(
         init=document["init"],
         init_curve=document["init_curve"],
+        init_selection=document.get("init_selection"),
         reg_selection=document.get("reg_selection"),
         stage2_check=document.get("stage2_check"),
         stage1=TrainHistory(**document["stage1"]) if document["stage1"] else None,
