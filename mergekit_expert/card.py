@@ -235,6 +235,21 @@ def loss_sentence(report: Mapping) -> str:
             words.append(f"{loss[key]:.4f} after {label} ({change:+.1f} %)")
     sentence = ", ".join(words[:1]) + (", " if len(words) > 1 else "")
     sentence += ", ".join(words[1:]) + "."
+    initial = report.get("init_selection")
+    if initial and initial.get("held_out_alignment"):
+        fits = ", ".join(
+            f"{held:.4f} from {alpha:g}"
+            for alpha, held in zip(initial["candidates"], initial["held_out_alignment"])
+        )
+        sentence += (
+            f" The initial alpha (init: auto) was {initial['alpha']:g}: calibrated on "
+            "half of each expert's samples from task arithmetic's best-aligned value "
+            f"and from the next larger one, the other half's alignment loss was {fits} "
+            "(the larger start is kept unless the other is lower by more than one "
+            "standard error)."
+        )
+    elif initial and initial.get("note"):
+        sentence += f" init: auto: {initial['note']}."
     selection = report.get("reg_weight_selection")
     if selection and selection.get("held_out_alignment"):
         limit = f"{selection.get('rise_limit', 2):g} standard errors"

@@ -198,6 +198,40 @@ def test_auto_init_fits_from_the_lowest_and_its_larger_neighbour(
     assert abs(report["loss"]["task_arithmetic_init"] - start_loss) < 1e-4 * start_loss
 
 
+def test_auto_init_with_one_sample_per_expert_starts_at_the_lowest(tiny, tmp_path):
+    """Nothing can be held out: task arithmetic's lowest alignment, and a note why."""
+    texts = [[CORPUS[0]], [CORPUS[2]]]
+    files = calibration_files(tmp_path, texts)
+    models = [
+        {"model": m, "parameters": {"calibration": f}}
+        for m, f in zip(tiny.experts, files)
+    ]
+    document = {
+        "merge_method": "expert_merging",
+        "base_model": tiny.base,
+        "models": models,
+        "calibration": {
+            "samples_per_expert": 1,
+            "init_grid": GRID,
+            "reg_weight": 0.8,
+            "max_steps": 1,
+        },
+    }
+    report = run_document(tmp_path, document, out=tmp_path / "out").report
+    totals = [
+        sum(kl + mse for kl, mse in naive_terms(tiny.base, tiny.experts, texts, a, 2))
+        for a in GRID
+    ]
+    lowest = GRID[min(range(len(GRID)), key=totals.__getitem__)]
+    assert report["init"] == pytest.approx([lowest, lowest])
+    selection = report["init_selection"]
+    assert selection["candidates"] == [] and selection["held_out_alignment"] == []
+    assert "has 1 calibration sample" in selection["note"]
+    assert "set calibration.init to a number" in selection["note"]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "init: auto: expert " in card
+
+
 def test_negative_hidden_layer_counts_from_the_last(tiny, tmp_path):
     """hidden_layers: [-2] aligns the hidden state one before the last (index
     1 on the 2-block tiny models, the paper's middle one): the report says
