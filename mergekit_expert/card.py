@@ -245,8 +245,8 @@ def loss_sentence(report: Mapping) -> str:
             f" The initial alpha (init: auto) was {initial['alpha']:g}: calibrated on "
             "half of each expert's samples from task arithmetic's best-aligned value "
             f"and from the next larger one, the other half's alignment loss was {fits} "
-            "(the larger start is kept unless the other is lower by more than one "
-            "standard error)."
+            "(task arithmetic's best-aligned value is kept unless the larger "
+            "start's is lower by more than one standard error)."
         )
     elif initial and initial.get("note"):
         sentence += f" init: auto: {initial['note']}."

@@ -146,11 +146,11 @@ def test_auto_init_fits_from_the_lowest_and_its_larger_neighbour(
     # The candidates: the lowest and the next larger grid value. Each is fitted
     # on one of two folds (one sample per expert here) and measured on the
     # other, so every sample is held out once, alone in its fold: its held-out
-    # share is beta_k * L_i. The larger is kept unless the lowest's held-out
+    # share is beta_k * L_i. The lowest is kept unless the larger's held-out
     # alignment is lower by more than the standard error of the paired
     # per-sample difference (sum over experts of n_k times its sample variance).
     selection = report["init_selection"]
-    candidates = [GRID[lowest + 1], GRID[lowest]]
+    candidates = [GRID[lowest], GRID[lowest + 1]]
     assert selection["candidates"] == pytest.approx(candidates)
     assert selection["reg_weight"] == 1000.0
     held = [sum(map(sum, per_sample[GRID.index(a)])) for a in candidates]

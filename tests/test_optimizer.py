@@ -383,14 +383,14 @@ def test_a_weight_that_raises_one_experts_loss_is_left_out_by_hand():
     assert "over the largest weight: 0 (code)" in loss_sentence(report)
     report["init_selection"] = {
         "alpha": 0.3,
-        "candidates": [0.3, 0.2],
-        "held_out_alignment": [12.05, 12.1],
+        "candidates": [0.2, 0.3],
+        "held_out_alignment": [12.1, 12.05],
     }
     assert (
         "The initial alpha (init: auto) was 0.3: calibrated on half of each "
         "expert's samples from task arithmetic's best-aligned value and from the "
-        "next larger one, the other half's alignment loss was 12.0500 from 0.3, "
-        "12.1000 from 0.2"
+        "next larger one, the other half's alignment loss was 12.1000 from 0.2, "
+        "12.0500 from 0.3"
     ) in loss_sentence(report)
 
 
