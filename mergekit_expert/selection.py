@@ -226,7 +226,7 @@ class InitSelection:
 
     alpha: float
     curve: list[dict]  # task arithmetic at every grid value, smallest first
-    candidates: list[float] = field(default_factory=list)  # largest first
+    candidates: list[float] = field(default_factory=list)  # the lowest first
     held_out: list[float] = field(default_factory=list)  # after a fit from each
     standard_errors: list[float] = field(default_factory=list)
     reg_weight: float | None = None  # the weight of those fits
@@ -275,7 +275,8 @@ def select_init(
     "Differences from the paper"). Why the larger neighbour only: task
     arithmetic's alignment preferred a smaller alpha than the test did in both
     regimes, and starting below its lowest lost on each of five seeds.
-    Returns the choice with both measurements.
+    Returns the choice with both measurements. The student is left at the last
+    fit; the caller resets it to the chosen start.
     """
     values = sorted(set(settings.init_grid), reverse=True)  # largest first
     losses = []
@@ -320,7 +321,6 @@ def select_init(
         else float(settings.reg_weight)
     )
     fit_settings = path_settings(settings)
-    initial = list(student.init)
 
     def held_out_from(value: float) -> torch.Tensor:
         def restart() -> None:
@@ -348,7 +348,6 @@ def select_init(
         )[0]
 
     fitted = torch.stack([held_out_from(value) for value in candidates])
-    student.reset(initial)
     chosen, _, errors = within_one_se(fitted, objective.cache.experts)
     held_out = [float(v) for v in fitted.sum(dim=1)]
     LOG.info(

@@ -198,9 +198,10 @@ def test_auto_init_fits_from_the_lowest_and_its_larger_neighbour(
     assert abs(report["loss"]["task_arithmetic_init"] - start_loss) < 1e-4 * start_loss
 
 
-def test_auto_init_with_one_sample_per_expert_starts_at_the_lowest(tiny, tmp_path):
-    """Nothing can be held out: task arithmetic's lowest alignment, and a note why."""
-    texts = [[CORPUS[0]], [CORPUS[2]]]
+def one_sample_run(tiny, tmp_path, texts, calibration: dict) -> dict:
+    """The report of a one-step expert_merging run on one sample per expert
+    (``texts[k]`` for expert k), γ 0.8, with ``calibration`` added; the merge
+    is written to ``tmp_path / "out"``."""
     files = calibration_files(tmp_path, texts)
     models = [
         {"model": m, "parameters": {"calibration": f}}
@@ -212,12 +213,18 @@ def test_auto_init_with_one_sample_per_expert_starts_at_the_lowest(tiny, tmp_pat
         "models": models,
         "calibration": {
             "samples_per_expert": 1,
-            "init_grid": GRID,
             "reg_weight": 0.8,
             "max_steps": 1,
+            **calibration,
         },
     }
-    report = run_document(tmp_path, document, out=tmp_path / "out").report
+    return run_document(tmp_path, document, out=tmp_path / "out").report
+
+
+def test_auto_init_with_one_sample_per_expert_starts_at_the_lowest(tiny, tmp_path):
+    """Nothing can be held out: task arithmetic's lowest alignment, and a note why."""
+    texts = [[CORPUS[0]], [CORPUS[2]]]
+    report = one_sample_run(tiny, tmp_path, texts, {"init_grid": GRID})
     totals = [
         sum(kl + mse for kl, mse in naive_terms(tiny.base, tiny.experts, texts, a, 2))
         for a in GRID
@@ -238,24 +245,7 @@ def test_negative_hidden_layer_counts_from_the_last(tiny, tmp_path):
     so, and the start's hidden term is the naive MSE at that index, not at
     the default last one (index 2)."""
     texts = [[CORPUS[0]], [CORPUS[2]]]
-    files = calibration_files(tmp_path, texts)
-    models = [
-        {"model": m, "parameters": {"calibration": f}}
-        for m, f in zip(tiny.experts, files)
-    ]
-    document = {
-        "merge_method": "expert_merging",
-        "base_model": tiny.base,
-        "models": models,
-        "calibration": {
-            "samples_per_expert": 1,
-            "init": 0.5,
-            "reg_weight": 0.8,
-            "max_steps": 1,
-            "hidden_layers": [-2],
-        },
-    }
-    report = run_document(tmp_path, document, out=tmp_path / "out").report
+    report = one_sample_run(tiny, tmp_path, texts, {"init": 0.5, "hidden_layers": [-2]})
     assert report["hidden_layers"] == [1]
     last = naive_terms(tiny.base, tiny.experts, texts, 0.5, 2)
     middle = naive_terms(tiny.base, tiny.experts, texts, 0.5, 1)
