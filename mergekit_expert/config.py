@@ -73,8 +73,9 @@ class CalibrationConfig(BaseModel):
     temperature: float = Field(1.0, gt=0)
     align: Literal["all", "response"] = "all"
     # prox (default): full-batch proximal gradient with a line search, at most
-    # max_steps accepted steps; adamw: the paper's loop (lr, weight_decay,
-    # grad_clip, accumulation, schedule, epochs, patience apply to it alone).
+    # max_steps accepted steps; adamw: the paper's loop (weight_decay,
+    # grad_clip, accumulation, schedule, epochs, patience apply to it alone;
+    # lr serves both, with its own meaning in each).
     optimizer: Literal["prox", "adamw"] = "prox"
     max_steps: int = Field(40, ge=1)
     alignment_scale: Literal["base", "absolute"] = "absolute"

@@ -268,9 +268,9 @@ def select_init(
 
     Why fit: calibration moves the coefficients away from the start, and the
     start it ends best from is not the one task arithmetic itself aligns best
-    at. On the quality benchmark's LoRA experts task arithmetic aligned best at
-    0.1 on every seed, yet from 0.2 calibration reached a lower held-out
-    alignment on each of six seeds and retained 0.035 to 0.048 more test gain;
+    at. On six seeds of the quality benchmark's LoRA experts task arithmetic
+    aligned best at 0.1, yet from 0.2 calibration reached a lower held-out
+    alignment on each of them and retained 0.035 to 0.048 more test gain;
     on full fine-tunes the fits keep 0.1, where 0.2 lost 0.020 (README,
     "Differences from the paper"). Why the larger neighbour only: task
     arithmetic's alignment preferred a smaller alpha than the test did in both
