@@ -1372,6 +1372,30 @@ SIZING = [
     "the same time (full stopped during seed 14), then `--seeds 10 11 12 13` "
     "(full) and `--seeds 10 11 12 13 14` (LoRA) with `--ablation-seeds 2 "
     "--name quality` from the store.",
+    "- This run (quality.json) extends that one on the same models, samples "
+    "and stored baselines: full fine-tunes seeds 10–17 (14–17 fresh), LoRA "
+    "experts seeds 10–19 (15–19 fresh; 17 and 18 had run once before, "
+    "outside this file), `EM: paper optimizer` and `EM: reg_weight 0.8` on "
+    "every seed and the ablation rows on seeds 10–11, all with the current "
+    "`init: auto`. The package was that of commit 2230e08, so its stored "
+    "merges of seeds 10–14 were reused; the commit after it only removed a "
+    "reset of the student that calibration overwrote on the next line. The "
+    "held-out fits chose as on the first seeds: full fine-tunes 0.1 on 8 of "
+    "8 (the fit from 0.2 higher by 0.066 to 0.110); LoRA experts 0.2 on 10 of "
+    "10 (task arithmetic lowest at 0.1 on 8, where the fit from 0.2 was lower "
+    "by 0.046 to 0.090, 1.7 to 6.3 standard errors; lowest at 0.2 on seeds 14 "
+    "and 18, where the fit from 0.3 was not lower). On LoRA seeds 15 and 16 "
+    "runs from a fixed 0.1 had retained 0.220 and 0.225 against 0.255 and "
+    "0.267 here. `EM: paper optimizer` keeps `init: auto` (with `excluded: "
+    "base` it starts from 0.3 or 0.4 on full fine-tunes, 0.2 on LoRA "
+    "experts), so on LoRA experts it is level with the default, and the "
+    "gain there is the start's. Commands: `python benchmarks/quality.py "
+    "--regime full --seeds 10 11 12 13 14 15 16 17 --ablation-seeds 2 "
+    "--threads 1 --name fullS36 --rows expert_merging expert_merging_pp 'EM: "
+    "paper optimizer' 'EM: reg_weight 0.8' 'EM: 5 samples per expert' 'EM++: "
+    "paper allocation'` and the same with `--regime lora --seeds 10 … 19 "
+    "--name loraS36`, one core each at the same time (116 and 111 min), then "
+    "each regime from the store with `--name quality`.",
 ]
 
 
