@@ -851,6 +851,12 @@ CALIBRATED = [
     # Starting below init: auto's 0.2 (0.15 to 0.175) lost on LoRA experts:
     # does starting above it gain?
     Row("EM: init 0.3", "expert_merging", {"init": 0.3}),
+    # init: auto's other candidate, for the seeds it chose 0.2 on LoRA experts
+    # after the rule was set (seeds 15-19): did the chosen start also test better?
+    Row("EM: init 0.1", "expert_merging", {"init": 0.1}),
+    # With the sigmoid, some coefficient of every full-fine-tune run reaches
+    # its upper bound (largest change 0.8999 from 0.1): does unbounded alpha gain?
+    Row("EM: activation identity", "expert_merging", {"activation": "identity"}),
 ]
 BASELINES = ("linear", "task_arithmetic", TA_SAME, "ties", "dare_ties")
 

@@ -104,9 +104,11 @@ def calibrate(
         student = build_student(settings, placement, base_dir, expert_dirs, names)
     if settings.alignment_scale == "base":
         objective = replace(objective, scales=base_scales(student, objective, names))
+    init_fits = None  # init: auto's fits from its choice (not kept on resume)
     if state.init is None and plan.init_values() is None:
         with clock.stage("init_search"):
             start = select_init(student, objective, settings, names, options.quiet)
+        init_fits = start.fits
         state.init = [start.alpha] * len(names)
         state.init_curve = start.curve
         state.init_selection = start.to_json()
@@ -118,7 +120,7 @@ def calibrate(
         if state.reg_selection is None:
             with clock.stage("reg_weight_selection"):
                 state.reg_selection = select_reg_weight(
-                    student, objective, settings, names, options.quiet
+                    student, objective, settings, names, options.quiet, init_fits
                 ).to_json()
         chosen = float(state.reg_selection["reg_weight"])
         settings = settings.model_copy(update={"reg_weight": chosen})

@@ -13,7 +13,9 @@ expert's samples are dealt into two folds; on each fold the prox optimizer is
 run along ``reg_grid`` from the largest weight to the smallest, each point
 warm-started from the one before (a regularization path, half of
 ``max_steps`` per point), and the alignment
-loss of the other fold is measured at every point, sample by sample.
+loss of the other fold is measured at every point, sample by sample. With
+``init: auto`` the path's first point is the fit it made from the chosen start
+(:class:`FoldFits`), not made again.
 
 The choice follows the one-standard-error rule of cross-validation: the
 largest weight whose held-out loss is within one standard error of the lowest
@@ -172,6 +174,19 @@ def fold_objectives(objective: Objective) -> list[tuple[Objective, Objective]]:
     ]
 
 
+@dataclass
+class FoldFits:
+    """Held-out fits already made, one per fold, from the same start: each
+    sample's held-out alignment after them (summed over folds) and where each
+    fold's fit ended, so that a path starting with the same fit continues
+    from there instead of repeating it."""
+
+    init: list[float]  # the start (the student's settled init)
+    reg_weight: float
+    shares: torch.Tensor  # [sample]
+    ends: list[dict[str, torch.Tensor]]  # raw coefficients, per fold
+
+
 def held_out_shares(
     student: Student,
     objective: Objective,
@@ -180,23 +195,36 @@ def held_out_shares(
     fit_point: Callable[[int, Objective], None],
     desc: str,
     quiet: bool = False,
-) -> torch.Tensor:
+    first: FoldFits | None = None,
+) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
     """[point, sample]: each sample's held-out alignment after each of ``points``
-    successive fits, over the folds (every sample is held out in exactly one).
+    successive fits, over the folds (every sample is held out in exactly one),
+    and each fold's raw coefficients after its first fit.
 
     On each fold ``restart()`` puts the student back at its start, then
-    ``fit_point(p, fitted objective)`` trains it to point p in turn.
+    ``fit_point(p, fitted objective)`` trains it to point p in turn. With
+    ``first`` the first point is that one, already fitted: each fold continues
+    from where its fit ended.
     """
     shares = torch.zeros(points, len(objective.cache.experts), dtype=torch.float64)
+    ends = []
     progress = tqdm(total=FOLDS * points, desc=desc, disable=quiet)
-    for fit, held in fold_objectives(objective):
-        restart()
+    for index, (fit, held) in enumerate(fold_objectives(objective)):
         for position in range(points):
-            fit_point(position, fit)
-            shares[position] += held.shares(held.sample_losses(student))
+            if position == 0 and first is not None:
+                student.load_raw(first.ends[index])
+            else:
+                if position == 0:
+                    restart()
+                fit_point(position, fit)
+                shares[position] += held.shares(held.sample_losses(student))
+            if position == 0:
+                ends.append({n: w.detach().clone() for n, w in student.raw.items()})
             progress.update(1)
     progress.close()
-    return shares
+    if first is not None:
+        shares[0] = first.shares
+    return shares, ends
 
 
 def path_settings(settings: CalibrationConfig) -> CalibrationConfig:
@@ -231,6 +259,8 @@ class InitSelection:
     standard_errors: list[float] = field(default_factory=list)
     reg_weight: float | None = None  # the weight of those fits
     note: str | None = None
+    # the chosen start's fits, for reg_weight: auto's path (not reported)
+    fits: FoldFits | None = None
 
     def to_json(self) -> dict:
         return {
@@ -322,7 +352,7 @@ def select_init(
     )
     fit_settings = path_settings(settings)
 
-    def held_out_from(value: float) -> torch.Tensor:
+    def held_out_from(value: float) -> FoldFits:
         def restart() -> None:
             student.reset([value] * len(names))
             student.load()
@@ -337,7 +367,7 @@ def select_init(
                 expert_names=names,
             )
 
-        return held_out_shares(
+        shares, ends = held_out_shares(
             student,
             objective,
             1,
@@ -345,9 +375,11 @@ def select_init(
             fit,
             f"init: auto (fit from {value:g})",
             quiet,
-        )[0]
+        )
+        return FoldFits(list(student.init), gamma, shares[0], ends)
 
-    fitted = torch.stack([held_out_from(value) for value in candidates])
+    fits = [held_out_from(value) for value in candidates]
+    fitted = torch.stack([f.shares for f in fits])
     chosen, _, errors = within_one_se(fitted, objective.cache.experts)
     held_out = [float(v) for v in fitted.sum(dim=1)]
     LOG.info(
@@ -361,7 +393,15 @@ def select_init(
         [round(v, 5) for v in held_out],
         [round(v, 5) for v in errors],
     )
-    return InitSelection(candidates[chosen], curve, candidates, held_out, errors, gamma)
+    return InitSelection(
+        candidates[chosen],
+        curve,
+        candidates,
+        held_out,
+        errors,
+        gamma,
+        fits=fits[chosen],
+    )
 
 
 @dataclass
@@ -380,10 +420,12 @@ class Selection:
     # per point: the experts whose rise exceeds RISE_LIMIT errors; such points
     # are left out
     raised: list[list[str]] = field(default_factory=list)
+    reused_init_fit: bool = False  # the first point was init: auto's fit
 
     def to_json(self) -> dict:
         return {
             "reg_weight": self.reg_weight,
+            "reused_init_fit": self.reused_init_fit,
             "grid": self.grid,
             "held_out_alignment": self.held_out,
             "standard_error": self.standard_errors,
@@ -407,10 +449,15 @@ def select_reg_weight(
     settings: CalibrationConfig,
     names: Sequence[str],
     quiet: bool = False,
+    first: FoldFits | None = None,
 ) -> Selection:
     """Pick reg_weight from ``settings.reg_grid`` by held-out alignment (2 folds).
 
-    The student is left at its initial coefficients.
+    ``first``: init: auto's fits from the chosen start. Made at the grid's
+    largest weight with the path's settings on the same folds, they are the
+    path's first point (2 of its fits), so the path continues from them when
+    their start and weight are the run's. The student is left at its initial
+    coefficients.
     """
     grid = sorted(set(settings.reg_grid), reverse=True)
     experts = objective.cache.experts
@@ -438,7 +485,9 @@ def select_reg_weight(
             expert_names=names,
         )
 
-    shares = held_out_shares(
+    reuse = first is not None
+    reuse = reuse and first.reg_weight == grid[0] and first.init == student.init
+    shares, _ = held_out_shares(
         student,
         objective,
         len(grid),
@@ -446,6 +495,7 @@ def select_reg_weight(
         fit_point,
         "reg_weight: auto (held-out path)",
         quiet,
+        first if reuse else None,
     )
     student.load_raw(start)
     rises, rise_errors = expert_rises(shares, experts, len(names))
@@ -484,6 +534,7 @@ def select_reg_weight(
         rises=rises,
         rise_errors=rise_errors,
         raised=named,
+        reused_init_fit=reuse,
     )
 
 
@@ -550,7 +601,7 @@ def check_stage2(
             expert_names=names,
         )
 
-    shares = held_out_shares(
+    shares, _ = held_out_shares(
         student, objective, 2, restart, fit_stage, "Stage 2 check (held-out)", quiet
     )
     restart()

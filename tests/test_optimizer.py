@@ -419,6 +419,47 @@ def test_a_significant_rise_small_beside_the_others_gain_is_not_a_trade():
     assert raised_experts(rises, errors, TRADE_SHARE) == [[], [], [0], [0]]
 
 
+def test_the_path_continues_from_init_autos_fit_of_the_chosen_start(tiny, tmp_path):
+    """init: auto's held-out fits from the start it chose are the held-out
+    path's first point (the grid's largest weight, the same folds and steps),
+    so reg_weight: auto continues from them instead of fitting them again.
+    The run that reuses them must choose and train exactly as a run that
+    starts from the same alpha given as a number, which fits every point."""
+    calibration = {
+        "init": "auto",
+        "reg_weight": "auto",
+        "reg_grid": [0.02, 0.0],  # at 0.02 the start is not the optimum
+        "max_steps": 40,
+    }
+    auto = run_document(tmp_path, text_experts(tiny, tmp_path, calibration), name="a")
+    report = auto.report
+    chosen = report["init_selection"]
+    alpha = chosen["alpha"]
+    path = report["reg_weight_selection"]
+    assert path["reused_init_fit"] is True
+    position = chosen["candidates"].index(alpha)
+    assert path["held_out_alignment"][0] == chosen["held_out_alignment"][position]
+    # The reused fit moved: with one sample per expert and fold, the held-out
+    # shares of task arithmetic at the start add up to twice its curve's loss.
+    curve = {point["alpha"]: point["loss"] for point in report["init_curve"]}
+    at_start = 2 * curve[alpha]
+    assert abs(path["held_out_alignment"][0] - at_start) > 1e-3 * at_start
+
+    calibration["init"] = alpha
+    fixed = run_document(tmp_path, text_experts(tiny, tmp_path, calibration), name="f")
+    again = fixed.report["reg_weight_selection"]
+    assert again["reused_init_fit"] is False
+    for key in ("held_out_alignment", "standard_error", "expert_rise", "reg_weight"):
+        assert again[key] == path[key], key
+    assert fixed.report["init"] == report["init"]
+    assert fixed.report["stage1"]["objective"] == report["stage1"]["objective"]
+    # trained, from the start it chose
+    stage1 = report["stage1"]
+    assert stage1["objective"][stage1["kept_epoch"]] < stage1["objective"][0]
+    for name, coefficient in auto.coefficients.items():
+        assert torch.equal(coefficient, fixed.coefficients[name]), name
+
+
 def test_reg_weight_auto_with_one_sample_per_expert_uses_the_largest(tiny, tmp_path):
     """Nothing can be held out: the grid's largest weight, and a note why."""
     calibration = {"samples_per_expert": 1, "init": INIT, "max_steps": 2}
