@@ -210,16 +210,17 @@ def held_out_shares(
     ends = []
     progress = tqdm(total=FOLDS * points, desc=desc, disable=quiet)
     for index, (fit, held) in enumerate(fold_objectives(objective)):
-        for position in range(points):
-            if position == 0 and first is not None:
-                student.load_raw(first.ends[index])
-            else:
-                if position == 0:
-                    restart()
-                fit_point(position, fit)
-                shares[position] += held.shares(held.sample_losses(student))
-            if position == 0:
-                ends.append({n: w.detach().clone() for n, w in student.raw.items()})
+        if first is None:
+            restart()
+            fit_point(0, fit)
+            shares[0] += held.shares(held.sample_losses(student))
+        else:
+            student.load_raw(first.ends[index])
+        ends.append({n: w.detach().clone() for n, w in student.raw.items()})
+        progress.update(1)
+        for position in range(1, points):
+            fit_point(position, fit)
+            shares[position] += held.shares(held.sample_losses(student))
             progress.update(1)
     progress.close()
     if first is not None:
