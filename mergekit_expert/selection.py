@@ -486,8 +486,9 @@ def select_reg_weight(
             expert_names=names,
         )
 
-    reuse = first is not None
-    reuse = reuse and first.reg_weight == grid[0] and first.init == student.init
+    reuse = (
+        first is not None and first.reg_weight == grid[0] and first.init == student.init
+    )
     shares, _ = held_out_shares(
         student,
         objective,
