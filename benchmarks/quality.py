@@ -1417,15 +1417,20 @@ SIZING = [
     "retained less on every seed (−0.019 ± 0.003, 8 seeds): the bound holds "
     "back a fit of the samples that does not carry to the test text. On "
     "LoRA experts it retained more on seeds 17–19 (+0.009 ± 0.003; largest "
-    "change 0.40 to 0.52). The default stays the sigmoid; LoRA's three seeds "
-    "are too few to choose by regime. Commands: `python "
+    "change 0.40 to 0.52) and, run on seeds 10–16 too "
+    "(quality_checks_identity_lora.md), +0.007 ± 0.002 over 10 seeds (more "
+    "on 8; largest change 0.38 to 0.60). The better bound differs by regime; "
+    "the default stays the sigmoid. Commands: `python "
     "benchmarks/quality.py --regime lora --seeds 10 … 19 --ablation-seeds 10 "
     "--threads 1 --name checks --rows expert_merging 'EM: init 0.1'`, then "
     "`--regime full --seeds 10 … 17 --ablation-seeds 8 --name checks --rows "
     "expert_merging 'EM: activation identity'` (one core, 50 and 51 min), and "
     "`--regime lora --seeds 17 18 19 --ablation-seeds 3 --name checks_lora "
     "--rows expert_merging 'EM: init 0.3' 'EM: activation identity'` on the "
-    "other core at the same time.",
+    "other core at the same time; then `--seeds 10 11 12` and `--seeds 13 14 "
+    "15 16` with `--rows expert_merging 'EM: activation identity'`, one core "
+    "each, and `--seeds 10 … 19 --name quality_checks_identity_lora` from the "
+    "store.",
 ]
 
 
