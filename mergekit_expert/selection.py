@@ -196,10 +196,9 @@ def held_out_shares(
     desc: str,
     quiet: bool = False,
     first: FoldFits | None = None,
-) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+) -> torch.Tensor:
     """[point, sample]: each sample's held-out alignment after each of ``points``
-    successive fits, over the folds (every sample is held out in exactly one),
-    and each fold's raw coefficients after its first fit.
+    successive fits, over the folds (every sample is held out in exactly one).
 
     On each fold ``restart()`` puts the student back at its start, then
     ``fit_point(p, fitted objective)`` trains it to point p in turn. With
@@ -207,7 +206,6 @@ def held_out_shares(
     from where its fit ended.
     """
     shares = torch.zeros(points, len(objective.cache.experts), dtype=torch.float64)
-    ends = []
     progress = tqdm(total=FOLDS * points, desc=desc, disable=quiet)
     for index, (fit, held) in enumerate(fold_objectives(objective)):
         if first is None:
@@ -216,7 +214,6 @@ def held_out_shares(
             shares[0] += held.shares(held.sample_losses(student))
         else:
             student.load_raw(first.ends[index])
-        ends.append({n: w.detach().clone() for n, w in student.raw.items()})
         progress.update(1)
         for position in range(1, points):
             fit_point(position, fit)
@@ -225,7 +222,7 @@ def held_out_shares(
     progress.close()
     if first is not None:
         shares[0] = first.shares
-    return shares, ends
+    return shares
 
 
 def path_settings(settings: CalibrationConfig) -> CalibrationConfig:
@@ -354,6 +351,8 @@ def select_init(
     fit_settings = path_settings(settings)
 
     def held_out_from(value: float) -> FoldFits:
+        ends: list[dict[str, torch.Tensor]] = []  # where each fold's fit ended
+
         def restart() -> None:
             student.reset([value] * len(names))
             student.load()
@@ -367,8 +366,9 @@ def select_init(
                 quiet=True,
                 expert_names=names,
             )
+            ends.append({n: w.detach().clone() for n, w in student.raw.items()})
 
-        shares, ends = held_out_shares(
+        shares = held_out_shares(
             student,
             objective,
             1,
@@ -489,7 +489,7 @@ def select_reg_weight(
     reuse = (
         first is not None and first.reg_weight == grid[0] and first.init == student.init
     )
-    shares, _ = held_out_shares(
+    shares = held_out_shares(
         student,
         objective,
         len(grid),
@@ -603,7 +603,7 @@ def check_stage2(
             expert_names=names,
         )
 
-    shares, _ = held_out_shares(
+    shares = held_out_shares(
         student, objective, 2, restart, fit_stage, "Stage 2 check (held-out)", quiet
     )
     restart()
