@@ -1431,6 +1431,32 @@ SIZING = [
     "15 16` with `--rows expert_merging 'EM: activation identity'`, one core "
     "each, and `--seeds 10 … 19 --name quality_checks_identity_lora` from the "
     "store.",
+    "- Whether held-out fits could choose `activation` per merge, as `init: "
+    "auto` chooses the start: in the runs above, `identity`'s held-out "
+    "alignment on the γ path (at the chosen γ) was lower than the sigmoid's "
+    "on every seed of both regimes (median −1.2 % on full fine-tunes, −0.4 % "
+    "on LoRA experts), so such a rule would take `identity` everywhere and "
+    "lose 0.019 on full fine-tunes. Not built.",
+    "- Calibration samples from text no model trained on (quality_val.md: "
+    "`--calibration-split val`, the same models, seeds, package and stored "
+    "baselines as quality.json, the two methods only). The samples come from "
+    "the validation split, which the baselines' λ is picked on too. "
+    "Full fine-tunes (seeds 10–17): `expert_merging` − task arithmetic "
+    "+0.078 ± 0.009 (from training text +0.080 ± 0.008), ++ − EM +0.0035 ± "
+    "0.0017 (stage 2 kept on every seed). LoRA experts (seeds 10–19): "
+    "`expert_merging` − task arithmetic +0.038 ± 0.005 (from training text "
+    "+0.038 ± 0.006), and the check dropped stage 2 on every seed, so ++ = "
+    "EM (from training text it kept it on seed 11, which lost 0.013: −0.0013 "
+    "± 0.0013). Paired with the runs from training text, seed by seed, "
+    "`expert_merging` changed by −0.0006 ± 0.0035 on LoRA experts and +0.0017 "
+    "± 0.0064 on full fine-tunes (seeds 10–16): where the samples come from "
+    "does not move Expert Merging, but from text the experts memorised the "
+    "held-out check of stage 2 can be fooled. Command: `python benchmarks/quality.py --regime full "
+    "--seeds 10 … 17 --ablation-seeds 1 --threads 1 --calibration-split val "
+    "--name val_full --rows expert_merging expert_merging_pp` and the same "
+    "with `--regime lora --seeds 10 … 19 --name val_lora`, one core each at "
+    "the same time (first seeds 10–15 and 10–17, then extended from the "
+    "store), merged into quality_val.json.",
 ]
 
 
