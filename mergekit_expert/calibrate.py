@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TypeVar
@@ -89,7 +90,7 @@ def calibrate(
     torch.manual_seed(settings.seed)
     clock = StageClock()
     names = [e.name for e in plan.experts]
-    base_dir, expert_dirs = local_models(plan, options, lora_cache)
+    base_dir, expert_dirs = local_models(plan, options, lora_cache, work)
     placement = Placement.for_run(settings, options)
     with clock.stage("teacher"):
         cache = teacher_pass(
@@ -211,13 +212,32 @@ def base_scales(
     return tuple(per_expert)
 
 
+# Beside each LoRA merge in the run's own cache: it was written to the end.
+# mergekit creates the folder first and reuses any folder that exists, so a run
+# killed while merging would otherwise resume from a half-written model.
+FINISHED = ".finished"
+
+
 def local_models(
-    plan: ExpertMergePlan, options: MergeOptions, lora_cache: str
+    plan: ExpertMergePlan,
+    options: MergeOptions,
+    lora_cache: str,
+    work: WorkDir | None = None,
 ) -> tuple[str, list[str]]:
     """Directories of the base and of each expert, LoRA adapters merged in."""
     trust = options.trust_remote_code
-    merged = main_first(
-        lambda: [
+    # Only the run's own cache (in OUT.partial) is ours to clean; a
+    # --lora-merge-cache belongs to the user and holds mergekit's merges.
+    own = work is not None and os.path.abspath(lora_cache) == work.file("lora")
+
+    def merge_all():
+        if own and is_main() and os.path.isdir(lora_cache):
+            for name in os.listdir(lora_cache):
+                path = os.path.join(lora_cache, name)
+                if os.path.isdir(path) and not os.path.exists(path + FINISHED):
+                    LOG.warning("discarding %s: its LoRA merge was cut short", path)
+                    shutil.rmtree(path)
+        merged = [
             e.reference.merged(
                 cache_dir=lora_cache,
                 trust_remote_code=trust,
@@ -225,8 +245,14 @@ def local_models(
             )
             for e in plan.experts
         ]
-    )
-    base_dir = plan.base.merged(cache_dir=lora_cache, trust_remote_code=trust)
+        base = plan.base.merged(cache_dir=lora_cache, trust_remote_code=trust)
+        if own and is_main():
+            for ref in (*merged, base):
+                if ref.model.path.startswith(lora_cache + os.sep):
+                    open(ref.model.path + FINISHED, "w").close()
+        return base, merged
+
+    base_dir, merged = main_first(merge_all)
     cache_dir = options.transformers_cache
     return base_dir.local_path(cache_dir=cache_dir), [
         r.local_path(cache_dir=cache_dir) for r in merged

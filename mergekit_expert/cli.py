@@ -37,7 +37,9 @@ from .output import os_error
     "--overwrite",
     is_flag=True,
     default=False,
-    help="Replace an existing OUT that is not a previous merge output.",
+    help="Replace an existing OUT that is not an expert merge this tool wrote "
+    "there (any other folder, a copied or downloaded merge, a ties or other "
+    "mergekit method's output).",
 )
 @add_merge_options
 def main(

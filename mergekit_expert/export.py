@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -258,13 +259,25 @@ def write_config(document: Mapping[str, Any], path: str, source: str | None = No
             f"{path} already exists and was not written by mergekit-expert export; "
             "choose a new output path (or remove the file yourself)"
         )
-    partial = f"{path}.partial"
+    # A temporary file of our own next to PATH (created exclusively, so never a
+    # file or link that was there), renamed over PATH when complete.
+    folder, name = os.path.split(os.path.abspath(path))
+    partial = None
     try:
-        with open(partial, "w", encoding="utf-8") as handle:
+        fd, partial = tempfile.mkstemp(
+            prefix=f".{name}.", suffix=".partial", dir=folder
+        )
+        umask = os.umask(0)
+        os.umask(umask)
+        try:  # mkstemp's 0600 is not what a config needs
+            os.fchmod(fd, 0o666 & ~umask)
+        except (OSError, AttributeError):  # fixed by the mount, or no fchmod
+            pass
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(to_yaml(document, source))
         os.replace(partial, path)
     except OSError as error:
-        if os.path.exists(partial):
+        if partial is not None and os.path.lexists(partial):
             os.remove(partial)
         raise ExpertMergingError(f"cannot write {path}: {error.strerror}") from None
 

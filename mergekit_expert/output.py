@@ -7,15 +7,22 @@ never deletes what it did not create:
   calibration data, images, the config, an artifact), and may not be or
   contain the working directory, the home directory or a filesystem root;
 - an existing non-empty OUT is replaced (atomically, at the very end) only
-  when it is recognisably a previous merge output, or with ``--overwrite``;
+  when an expert merge wrote it at this very path and nothing was added to it
+  (``expert_merging/output.json`` names the path; a copied or downloaded
+  merge, or any other model folder, does not qualify), or with ``--overwrite``;
+  the check runs again just before the replace;
 - ``OUT.partial`` is ours only when it carries our marker; a run holds an
   exclusive lock on it from start to end, so two runs never share it.
+
+Every check and every write uses the same resolved path (:func:`real`), so a
+symlink or ``..`` in OUT cannot make them disagree.
 """
 
 from __future__ import annotations
 
 import errno
 import fnmatch
+import hashlib
 import json
 import logging
 import os
@@ -23,6 +30,7 @@ import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .coefficients import ARTIFACT_DIR, ARTIFACT_NAME
 from .errors import ExpertMergingError
 
 try:
@@ -34,6 +42,11 @@ LOG = logging.getLogger(__name__)
 
 MARKER = "fingerprint.json"
 LOCK = "lock"
+STAGING = "staging"  # OUT.partial/staging/<name of OUT>: the output being written
+PREVIOUS = "previous"  # the replaced OUT, for the moment between two renames
+# In OUT/expert_merging: which path the output was written for, so a run only
+# replaces an output it made there (a copied or downloaded merge does not count).
+OUTPUT_RECORD = "output.json"
 
 # Top-level names a merge writes into its output (mergekit's writer, its
 # tokenizer and tag-along copies, this plugin's folder).
@@ -57,7 +70,15 @@ MERGE_OUTPUT_NAMES = (
     "preprocessor_config.json",
     "processor_config.json",
     "video_preprocessor_config.json",
-    "expert_merging",
+    ARTIFACT_DIR,
+)
+# What a merge writes into OUT/expert_merging.
+OUTPUT_FOLDER_NAMES = (
+    ARTIFACT_NAME,
+    "report.json",
+    "coefficients.png",
+    "calibration_config.yml",
+    OUTPUT_RECORD,
 )
 
 
@@ -70,8 +91,9 @@ class InputPath:
 
 
 def real(path: str) -> str:
-    """Absolute path with ``~``, ``..`` and every symlink resolved."""
-    return os.path.realpath(os.path.abspath(os.path.expanduser(path)))
+    """Absolute path with ``~`` and every symlink resolved, and ``..`` taken the
+    way the kernel takes it (after the symlink before it, not lexically)."""
+    return os.path.realpath(os.path.expanduser(path))
 
 
 def _inside(child: str, parent: str) -> bool:
@@ -80,7 +102,7 @@ def _inside(child: str, parent: str) -> bool:
 
 
 def work_dir_for(out_path: str) -> str:
-    return os.path.abspath(out_path).rstrip(os.sep) + ".partial"
+    return real(out_path) + ".partial"
 
 
 def check_output_location(out_path: str, inputs: Iterable[InputPath]) -> None:
@@ -132,40 +154,83 @@ def check_output_location(out_path: str, inputs: Iterable[InputPath]) -> None:
             )
 
 
-def foreign_entries(out_path: str) -> list[str]:
-    """What in an existing OUT a merge did not write ([] when OUT may be replaced).
+def output_record(out_path: str) -> dict[str, str]:
+    """What ``expert_merging/output.json`` holds: the tool and a hash of OUT's
+    resolved path (not the path itself, which a published model would leak)."""
+    digest = hashlib.sha256(real(out_path).encode("utf-8", "surrogateescape"))
+    return {"tool": "mergekit-expert", "output": digest.hexdigest()}
 
-    OUT may be replaced when it does not exist, is an empty directory, or is a
-    previous merge output: a directory with a ``config.json`` or
-    ``mergekit_config.yml`` holding only names a merge writes.
+
+def write_output_record(staging: str, out_path: str) -> None:
+    """Mark a staged output as written by this tool for ``out_path``."""
+    folder = os.path.join(staging, ARTIFACT_DIR)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, OUTPUT_RECORD), "w", encoding="utf-8") as handle:
+        json.dump(output_record(out_path), handle)
+
+
+def _written_here(out: str) -> bool:
+    path = os.path.join(out, ARTIFACT_DIR, OUTPUT_RECORD)
+    if os.path.islink(path) or not os.path.isfile(path):
+        return False
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle) == output_record(out)
+    except (OSError, ValueError):
+        return False
+
+
+def why_not_replaceable(out_path: str) -> str | None:
+    """Why an existing OUT may not be replaced (None when it may).
+
+    OUT may be replaced when it does not exist, is an empty directory, or is
+    an expert merge written for this very path that holds only what a merge
+    writes.
     """
-    if not os.path.lexists(out_path):
-        return []
-    if not os.path.isdir(out_path) or os.path.islink(out_path):
-        return [os.path.basename(out_path.rstrip(os.sep))]
-    names = sorted(os.listdir(out_path))
+    out = real(out_path)
+    if not os.path.lexists(out):
+        return None
+    if not os.path.isdir(out):
+        return "is not a directory"
+    names = sorted(os.listdir(out))
     if not names:
-        return []
+        return None
+    if not _written_here(out):
+        return (
+            f"holds {_shown(names)} but no {ARTIFACT_DIR}/{OUTPUT_RECORD} naming "
+            "this path (only an expert merge written there has one)"
+        )
     foreign = [
         name
         for name in names
         if not any(fnmatch.fnmatchcase(name, p) for p in MERGE_OUTPUT_NAMES)
     ]
-    if not foreign and not {"config.json", "mergekit_config.yml"} & set(names):
-        return names  # only tokenizer-like files: not recognisably a merge
-    return foreign
+    folder = os.path.join(out, ARTIFACT_DIR)
+    if os.path.isdir(folder) and not os.path.islink(folder):
+        foreign += [
+            f"{ARTIFACT_DIR}/{name}"
+            for name in sorted(os.listdir(folder))
+            if name not in OUTPUT_FOLDER_NAMES
+        ]
+    if not foreign:
+        return None
+    return f"holds files a merge does not write ({_shown(foreign)})"
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 def check_replaceable(out_path: str, overwrite: bool) -> None:
-    """Refuse an existing OUT that is not a previous merge output, unless told to."""
-    foreign = foreign_entries(out_path)
-    if not foreign or overwrite:
+    """Refuse an existing OUT that is not an expert merge written there, unless
+    told to."""
+    reason = why_not_replaceable(out_path)
+    if reason is None or overwrite:
         return
-    shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
     raise ExpertMergingError(
-        f"the output directory {out_path} already exists and holds files a merge does "
-        f"not write ({shown}); a run replaces OUT as a whole, so they would be lost. "
-        "Choose a new output directory, or pass --overwrite to replace it"
+        f"the output directory {out_path} already exists and {reason}; a run "
+        "replaces OUT as a whole, so what is there would be lost. Choose a new "
+        "output directory, or pass --overwrite to replace it"
     )
 
 
@@ -176,12 +241,15 @@ class WorkDir:
     :meth:`close`; state written for other inputs is discarded under it.
     """
 
-    def __init__(self, out_path: str, fingerprint_value: str):
-        self.out_path = os.path.abspath(out_path)
+    def __init__(self, out_path: str, fingerprint_value: str, overwrite: bool = False):
+        self.out_path = real(out_path)
         self.path = work_dir_for(out_path)
         self.fingerprint = fingerprint_value
-        # Named like OUT: mergekit titles the model card after the directory.
-        self.staging = os.path.join(self.path, os.path.basename(self.out_path))
+        self.overwrite = overwrite
+        # Named like OUT (mergekit titles the model card after the directory),
+        # in a folder of its own so that no name of OUT can collide with the
+        # working directory's other entries.
+        self.staging = os.path.join(self.path, STAGING, os.path.basename(self.out_path))
         self._lock_fd: int | None = None
 
     def check_ours(self) -> None:
@@ -200,7 +268,7 @@ class WorkDir:
                 "the working directory of this OUT): move it away or choose another OUT"
             )
         names = set(os.listdir(path))
-        if names and not names & {MARKER, LOCK}:
+        if names and not (names <= {LOCK} or _our_marker(os.path.join(path, MARKER))):
             raise ExpertMergingError(
                 f"{path} exists and was not made by mergekit-expert (it has no "
                 f"{MARKER}); it would be used as this OUT's working directory: move it "
@@ -210,9 +278,18 @@ class WorkDir:
     def open(self) -> None:
         """Create or reuse the directory under an exclusive lock; discard stale state."""
         self.check_ours()
-        created = not os.path.lexists(self.path)
         try:
-            os.makedirs(self.path, exist_ok=True)
+            parent = os.path.dirname(self.path)
+            if os.path.lexists(parent) and not os.path.isdir(parent):
+                raise NotADirectoryError(
+                    errno.ENOTDIR, os.strerror(errno.ENOTDIR), parent
+                )
+            os.makedirs(parent, exist_ok=True)
+            try:  # whether this run made the directory, decided atomically
+                os.mkdir(self.path)
+                created = True
+            except FileExistsError:
+                created = False
             self._lock()
         except OSError as error:
             raise os_error(
@@ -230,6 +307,11 @@ class WorkDir:
                     previous = json.load(handle).get("fingerprint")
             except (OSError, ValueError, AttributeError):
                 previous = None
+        try:
+            self._restore_interrupted_publish()
+        except BaseException:
+            self.close()
+            raise
         stale = [n for n in os.listdir(self.path) if n not in (LOCK, MARKER)]
         if previous != self.fingerprint and stale:
             LOG.warning(
@@ -242,12 +324,40 @@ class WorkDir:
                 _remove(os.path.join(self.path, name))
         elif stale:
             LOG.warning("resuming from the saved state in %s", self.path)
-        with open(marker, "w", encoding="utf-8") as handle:
+        with open(marker + ".tmp", "w", encoding="utf-8") as handle:
             json.dump(
                 {"tool": "mergekit-expert", "fingerprint": self.fingerprint}, handle
             )
-        if os.path.isdir(self.staging):
-            shutil.rmtree(self.staging)  # a half-written output is never reused
+        os.replace(marker + ".tmp", marker)  # never a torn marker
+        # A half-written output is never reused.
+        shutil.rmtree(self.file(STAGING), ignore_errors=True)
+
+    def _restore_interrupted_publish(self) -> None:
+        """A run stopped between publish's two renames left the old OUT in
+        ``previous``. Put it back when OUT is missing (or an empty folder);
+        drop it when the new output had landed (it was being replaced); and
+        refuse to guess when OUT holds anything else."""
+        previous = self.file(PREVIOUS)
+        if not os.path.lexists(previous):
+            return
+        out = self.out_path
+        if os.path.isdir(out) and not os.path.islink(out) and not os.listdir(out):
+            os.rmdir(out)
+        if not os.path.lexists(out):
+            os.replace(previous, out)
+            LOG.warning(
+                "restored %s from %s: an earlier run was stopped while replacing it",
+                out,
+                previous,
+            )
+        elif os.path.isdir(out) and _written_here(out):
+            _remove(previous)
+        else:
+            raise ExpertMergingError(
+                f"{previous} holds the output an earlier run was replacing when it "
+                f"stopped, and {out} now holds something else; move one of them "
+                "away, then run again"
+            )
 
     def _lock(self) -> None:
         if fcntl is None:
@@ -293,20 +403,60 @@ class WorkDir:
         return os.path.join(self.path, name)
 
     def discard_staging(self) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
+        shutil.rmtree(self.file(STAGING), ignore_errors=True)
+
+    def record_output(self) -> None:
+        """Mark the staged output as this tool's, written for OUT's path."""
+        write_output_record(self.staging, self.out_path)
 
     def publish(self) -> None:
-        """Move the staged output into place, then drop the working directory."""
+        """Move the staged output into place, then drop the working directory.
+
+        OUT is checked again first: it may have changed during the run (a file
+        added to a previous output) since the check before any work."""
+        reason = why_not_replaceable(self.out_path)
+        if reason is not None and not self.overwrite:
+            raise ExpertMergingError(
+                f"the output directory {self.out_path} changed during the run and "
+                f"now {reason}; it was left as it is. Move those files away and run "
+                "the same command again, or pass --overwrite to replace it"
+            )
+        previous = self.file(PREVIOUS)
         if os.path.lexists(self.out_path):
-            os.replace(self.out_path, self.file("previous"))
-        os.replace(self.staging, self.out_path)
+            os.replace(self.out_path, previous)
+        try:
+            os.replace(self.staging, self.out_path)
+        except BaseException:
+            if os.path.lexists(previous):  # put the old OUT back
+                os.replace(previous, self.out_path)
+            raise
         shutil.rmtree(self.path, ignore_errors=True)
         self.close()
 
     def remove(self) -> None:
-        """Drop the working directory (nothing in it is needed to resume)."""
-        shutil.rmtree(self.path, ignore_errors=True)
+        """Drop the working directory (nothing in it is needed to resume),
+        unless it still holds the old OUT (``previous``): then it stays."""
+        if os.path.lexists(self.file(PREVIOUS)):
+            LOG.error(
+                "%s holds the previous %s, which could not be put back; move it "
+                "back yourself",
+                self.file(PREVIOUS),
+                self.out_path,
+            )
+        else:
+            shutil.rmtree(self.path, ignore_errors=True)
         self.close()
+
+
+def _our_marker(path: str) -> bool:
+    """True when ``path`` is a working-directory marker this tool wrote."""
+    if os.path.islink(path) or not os.path.isfile(path):
+        return False
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle).get("tool") == "mergekit-expert"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _remove(path: str) -> None:

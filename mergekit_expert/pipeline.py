@@ -19,7 +19,7 @@ from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 from pydantic import ValidationError
 
-from .calibrate import calibrate
+from .calibrate import calibrate, local_models
 from .card import reproduce_config
 from .coefficients import ARTIFACT_NAME
 from .compat import fix_model_card_offline
@@ -36,7 +36,7 @@ from .report import (
     summary_line,
     write_outputs,
 )
-from .sources import model_inputs, option_inputs, resolve_models
+from .sources import model_inputs, option_inputs, resolve_models, tokenizer_inputs
 from .state import CHECKPOINT, fingerprint
 
 LOG = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def run_expert_merge(
     data_paths = [e.calibration for e in plan.experts if e.calibration]
     if checked.artifact is not None:
         data_paths = []
-    work = WorkDir(out_path, fingerprint(document, model_paths, data_paths))
+    work = WorkDir(out_path, fingerprint(document, model_paths, data_paths), overwrite)
     # Join torchrun's process group first: only then does is_main() know the rank.
     options = options.model_copy(
         update={"device": setup_distributed(options.device or "cpu")}
@@ -90,6 +90,11 @@ def run_expert_merge(
     try:
         calibration = None
         if checked.artifact is not None and checked.artifact_path is not None:
+            # Adapters merged (or a merge cut short redone) as calibration
+            # would; run_merge then reuses them.
+            local_models(plan, merge_options, lora_cache, work)
+            if not is_main():
+                return None  # rank 0 writes the model and the report
             artifact_file = checked.artifact_path
             artifact = checked.artifact
         else:
@@ -116,6 +121,7 @@ def run_expert_merge(
         )
         if calibration is not None and config_source is not None:
             save_calibration_config(work.staging, config_source)
+        work.record_output()
         work.publish()
         return summary_line(out_path, report)
     except BaseException:
@@ -159,18 +165,18 @@ def run_plain_merge(
     check_device(options.device)
     named = [(r, f"model {r}") for r in merge_config.referenced_models()]
     inputs = model_inputs(resolve_models(named, allow_pickle=None))
-    inputs += option_inputs(options)
+    inputs += option_inputs(options) + tokenizer_inputs(merge_config)
     inputs.append(InputPath(config_file, "the config file"))
     check_output_location(out_path, inputs)
     check_replaceable(out_path, overwrite)
-    work = WorkDir(out_path, f"mergekit:{merge_config.merge_method}")
+    work = WorkDir(out_path, f"mergekit:{merge_config.merge_method}", overwrite)
     work.open()
     try:
         fix_model_card_offline()
         run_merge(
             merge_config, work.staging, options=options, config_source=config_source
         )
-        work.publish()
+        work.publish()  # exactly mergekit-yaml's output: no record of ours
     except BaseException:
         work.remove()
         raise

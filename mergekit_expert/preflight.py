@@ -32,6 +32,7 @@ from .sources import (
     model_inputs,
     option_inputs,
     resolve_models,
+    tokenizer_inputs,
 )
 from .student import resolve_hidden_layers, select_weights
 from .vocabulary import (
@@ -87,6 +88,7 @@ def preflight(
     ]
     resolved = resolve_models(named, allow_pickle)
     inputs = model_inputs(resolved) + option_inputs(options)
+    inputs += tokenizer_inputs(plan.merge_config)
     if config_file is not None:
         inputs.append(InputPath(config_file, "the config file"))
     configs = check_configs(plan, named, options.trust_remote_code)

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from mergekit.common import ModelReference
+from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
 from .errors import ExpertMergingError
@@ -166,6 +167,32 @@ def option_inputs(options: MergeOptions) -> list[InputPath]:
         if path and os.path.exists(path):
             found.append(InputPath(path, what))
     return found
+
+
+def tokenizer_inputs(config: MergeConfiguration) -> list[InputPath]:
+    """Local models a tokenizer setting reads (``tokenizer_source``,
+    ``tokenizer.source``, ``tokenizer.tokens.*.source``), which mergekit's
+    ``referenced_models()`` leaves out: OUT must keep clear of them too."""
+    from mergekit.tokenizer.config import ModelTokenEmbedding
+
+    found: list[tuple[ModelReference, str]] = []
+    if isinstance(config.tokenizer_source, ModelReference):
+        found.append((config.tokenizer_source, "the tokenizer_source model"))
+    if config.tokenizer is not None:
+        if isinstance(config.tokenizer.source, ModelReference):
+            found.append((config.tokenizer.source, "the tokenizer.source model"))
+        for token, setting in (config.tokenizer.tokens or {}).items():
+            source = setting.source
+            if isinstance(source, ModelTokenEmbedding):
+                source = source.model
+            if isinstance(source, ModelReference):
+                found.append((source, f"the model of token {token!r}"))
+    inputs = []
+    for reference, what in found:
+        for path in (reference.model.path, reference.lora and reference.lora.path):
+            if path and os.path.exists(path):
+                inputs.append(InputPath(path, f"{what} {path}"))
+    return inputs
 
 
 def header_shapes(path: str, what: str) -> dict[str, tuple[int, ...]]:

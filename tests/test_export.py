@@ -194,13 +194,21 @@ def test_cli_never_overwrites_a_file_it_did_not_write(stage1, tmp_path):
         assert "was not written by mergekit-expert export" in result.output
     assert notes.read_text() == "my own config\n"
     assert open(artifact, "rb").read() == before
-    # A previous export is replaced, and the result is the fresh export.
+    # A previous export is replaced, and the result is the fresh export. A
+    # user's link at PATH.partial is neither followed nor removed.
     out = tmp_path / "again.yml"
+    os.symlink(notes, f"{out}.partial")
     for _ in range(2):
         result = CliRunner().invoke(main, [artifact, "-o", str(out)])
         assert result.exit_code == 0, result.output
     assert yaml.safe_load(out.read_text()) == export_config(artifact)
-    assert not os.path.exists(f"{out}.partial")
+    assert os.readlink(f"{out}.partial") == str(notes)
+    assert notes.read_text() == "my own config\n"
+    assert not [
+        n
+        for n in os.listdir(tmp_path)
+        if n.endswith(".partial") and n != "again.yml.partial"
+    ]
     missing = tmp_path / "no" / "such" / "folder.yml"
     result = CliRunner().invoke(main, [artifact, "-o", str(missing)])
     assert result.exit_code != 0 and f"cannot write {missing}" in result.output

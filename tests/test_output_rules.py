@@ -20,8 +20,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from mergekit_expert import output as output_module
 from mergekit_expert.errors import ExpertMergingError
-from mergekit_expert.output import check_output_location, foreign_entries
+from mergekit_expert.output import (
+    WorkDir,
+    check_output_location,
+    why_not_replaceable,
+)
 from mergekit_expert.testing.cli import (
     invoke,
     run_process,
@@ -160,22 +165,130 @@ def test_foreign_folder_needs_overwrite(project):
 
 
 def test_previous_output_is_replaced_at_the_end(project):
-    assert invoke("merge.yml", "merged").exit_code == 0
-    assert foreign_entries("merged") == []
-    first = load_file("merged/expert_merging/coefficients.safetensors")
+    # OUT is named like an entry of its working directory (OUT.partial/previous
+    # holds the replaced OUT for a moment): the staged output must not collide.
+    out = "previous"
+    assert invoke("merge.yml", out).exit_code == 0
+    assert why_not_replaceable(out) is None
+    first = load_file(f"{out}/expert_merging/coefficients.safetensors")
     document = yaml.safe_load(open("merge.yml"))
     document["calibration"]["init"] = 0.6
     write_config(project / "other.yml", document)
-    assert invoke("other.yml", "merged").exit_code == 0
-    second = load_file("merged/expert_merging/coefficients.safetensors")
-    report = json.load(open("merged/expert_merging/report.json"))
+    assert invoke("other.yml", out).exit_code == 0
+    second = load_file(f"{out}/expert_merging/coefficients.safetensors")
+    report = json.load(open(f"{out}/expert_merging/report.json"))
     assert report["init"] == pytest.approx([0.6, 0.6])
     assert any(not torch.equal(first[n], second[n]) for n in first)
-    assert not os.path.exists("merged.partial")
-    # A file the user added to the output makes it foreign again.
-    (project / "merged" / "eval.txt").write_text("my scores")
-    output = refused(project, "merged", config="other.yml")
-    assert "eval.txt" in output
+    assert not os.path.exists(f"{out}.partial")
+    # The same output copied elsewhere (or downloaded) is not this path's.
+    shutil.copytree(project / out, project / "copied")
+    assert "no expert_merging/output.json naming" in refused(project, "copied")
+    # A file the user added to the output makes it foreign again, also inside
+    # expert_merging/.
+    (project / out / "expert_merging" / "notes.txt").write_text("my notes")
+    assert "expert_merging/notes.txt" in refused(project, out, config="other.yml")
+    (project / out / "eval.txt").write_text("my scores")
+    assert "eval.txt" in refused(project, out, config="other.yml")
+
+
+def test_a_model_folder_is_not_a_previous_output(project):
+    """A folder from save_pretrained holds only names a merge writes too; it is
+    replaced only with --overwrite."""
+    shutil.copytree(project / "models" / "code", project / "other_model")
+    output = refused(project, "other_model")
+    assert "no expert_merging/output.json naming" in output and "--overwrite" in output
+
+
+def staged(work: WorkDir, text: str) -> None:
+    """Stand in for a finished merge: one file in the staged output, recorded."""
+    os.makedirs(work.staging)
+    with open(os.path.join(work.staging, "config.json"), "w") as handle:
+        handle.write(text)
+    work.record_output()
+
+
+def published(out: str, text: str) -> None:
+    work = WorkDir(out, "fingerprint")
+    work.open()
+    staged(work, text)
+    work.publish()
+
+
+def test_checks_and_writes_resolve_out_alike(project):
+    """`current/../mywork` is runs/mywork for the kernel (.. follows the
+    symlink); a lexical reading would check one folder and replace another."""
+    (project / "runs" / "v3").mkdir(parents=True)
+    os.symlink(project / "runs" / "v3", project / "current")
+    (project / "mywork").mkdir()
+    (project / "mywork" / "thesis.tex").write_text("\\chapter{}")
+    before = digest(project / "mywork")
+    out = os.path.join("current", "..", "mywork")
+    assert why_not_replaceable(out) is None  # runs/mywork does not exist
+    published(out, "{}")
+    assert (project / "runs" / "mywork" / "config.json").read_text() == "{}"
+    assert digest(project / "mywork") == before
+    assert why_not_replaceable(out) is None  # the output it wrote there
+
+
+def test_out_changed_during_the_run_is_left_alone(project):
+    published("merged", "first")
+    work = WorkDir("merged", "fingerprint")
+    work.open()
+    staged(work, "second")
+    (project / "merged" / "eval.txt").write_text("written while the run went on")
+    before = digest(project / "merged")
+    with pytest.raises(ExpertMergingError, match="changed during the run.*eval.txt"):
+        work.publish()
+    work.close()
+    assert digest(project / "merged") == before
+
+
+def test_interrupted_publish_restores_the_old_output(project, monkeypatch):
+    published("merged", "first")
+    before = digest(project / "merged")
+    # The second rename fails: the old OUT goes back at once.
+    work = WorkDir("merged", "fingerprint")
+    work.open()
+    staged(work, "second")
+    real_replace = os.replace
+
+    def failing(src, dst):
+        if src == work.staging:
+            raise OSError(28, "No space left on device (injected)")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(output_module.os, "replace", failing)
+    with pytest.raises(OSError):
+        work.publish()
+    monkeypatch.setattr(output_module.os, "replace", real_replace)
+    work.close()
+    assert digest(project / "merged") == before
+    # Killed between the renames: the next run puts the old OUT back.
+    os.replace(project / "merged", work.file("previous"))
+    assert not os.path.exists(project / "merged")
+    again = WorkDir("merged", "fingerprint")
+    again.open()
+    again.close()
+    assert digest(project / "merged") == before
+    # The same, and then a script made an empty OUT: the old one comes back.
+    os.makedirs(again.path, exist_ok=True)
+    os.replace(project / "merged", again.file("previous"))
+    (project / "merged").mkdir()
+    again = WorkDir("merged", "fingerprint")
+    again.open()
+    again.close()
+    assert digest(project / "merged") == before
+    # OUT holds something else: neither is touched, and the error says so.
+    os.replace(project / "merged", again.file("previous"))
+    (project / "merged").mkdir()
+    (project / "merged" / "new.txt").write_text("not a merge")
+    with pytest.raises(ExpertMergingError, match="move one of them away"):
+        WorkDir("merged", "fingerprint").open()
+    assert (project / "merged" / "new.txt").exists()
+    # Dropping the working directory keeps it while it holds the old OUT.
+    stuck = WorkDir("merged", "fingerprint")
+    stuck.remove()
+    assert digest(project / "merged.partial" / "previous") == before
 
 
 def test_partial_folder_that_is_not_ours(project):
@@ -183,6 +296,9 @@ def test_partial_folder_that_is_not_ours(project):
     (project / "merged.partial" / "thesis.tex").write_text("\\chapter{}")
     output = refused(project, "merged")
     assert "merged.partial" in output and "not made by mergekit-expert" in output
+    # A file of the marker's name is not the marker.
+    (project / "merged.partial" / "fingerprint.json").write_text('{"a": 1}')
+    assert "not made by mergekit-expert" in refused(project, "merged")
 
 
 def test_symlinked_partial_folder(project):
@@ -205,9 +321,20 @@ def test_plain_methods_follow_the_same_rules(project):
     write_config(project / "ta.yml", document)
     assert "is the current directory" in refused(project, ".", config="ta.yml")
     assert "is model models/math" in refused(project, "models/math", config="ta.yml")
+    # A folder read only for its tokenizer is an input too, even with --overwrite.
+    shutil.copytree(project / "models" / "base", project / "tokenizer_model")
+    write_config(
+        project / "tok.yml", {**document, "tokenizer_source": "tokenizer_model"}
+    )
+    output = refused(project, "tokenizer_model", "--overwrite", config="tok.yml")
+    assert "is the tokenizer_source model tokenizer_model" in output
     assert invoke("ta.yml", "ta_out").exit_code == 0
     assert (project / "ta_out" / "mergekit_config.yml").exists()
     assert not os.path.exists("ta_out.partial")
+    # Written exactly as mergekit-yaml writes it, so with no record of ours:
+    # replaced only when told to.
+    assert "--overwrite" in refused(project, "ta_out", config="ta.yml")
+    assert invoke("ta.yml", "ta_out", "--overwrite").exit_code == 0
 
 
 def test_second_run_on_the_same_out_is_refused(project):

@@ -156,7 +156,7 @@ def test_failure_during_write_keeps_existing_out(tiny, tmp_path, monkeypatch):
     result = invoke(config, out, "--overwrite")
     assert result.exit_code != 0 and calls["n"] == 5
     assert tree_digest(out) == before, "a failed write must leave OUT byte-identical"
-    staging = os.path.join(str(out) + ".partial", "out")
+    staging = os.path.join(str(out) + ".partial", "staging")
     assert not os.path.exists(staging), "no half-written output is kept"
     monkeypatch.setattr(TensorWriter, "save_tensor", real_save)
     # Calibration had finished: the rerun resumes and only writes.
@@ -232,3 +232,41 @@ def test_pickle_checkpoints_need_an_explicit_flag(tiny, tmp_path):
     assert result.exit_code != 0
     assert "pytorch_model.bin" in result.output and "--allow-pickle" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_lora_merge_cut_short_is_redone(tiny, tmp_path):
+    """mergekit reuses any folder of its LoRA cache that exists; a run killed
+    while merging an adapter must not resume from the half-written model."""
+    from mergekit.options import MergeOptions
+
+    from mergekit_expert.calibrate import FINISHED, local_models
+    from mergekit_expert.config import parse_plan
+    from mergekit_expert.output import WorkDir
+
+    plan = parse_plan(expert_config(tiny))
+    work = WorkDir(str(tmp_path / "out"), "fingerprint")
+    work.open()
+    _, experts = local_models(plan, MergeOptions(), work.file("lora"), work)
+    merged = experts[2]  # the base+adapter expert
+    assert merged.startswith(work.file("lora"))
+    weights = [n for n in os.listdir(merged) if n.endswith(".safetensors")]
+    expected = {  # copies: load_file maps the file, which is truncated below
+        n: {k: t.clone() for k, t in load_file(os.path.join(merged, n)).items()}
+        for n in weights
+    }
+    # Killed while saving: the folder is there, the weights are not whole.
+    os.remove(merged + FINISHED)
+    with open(os.path.join(merged, weights[0]), "r+b") as handle:
+        handle.truncate(100)
+    _, again = local_models(plan, MergeOptions(), work.file("lora"), work)
+    assert again[2] == merged
+    for name, tensors in expected.items():
+        redone = load_file(os.path.join(merged, name))
+        assert all(torch.equal(tensors[k], redone[k]) for k in tensors)
+    # A user's --lora-merge-cache is never cleaned.
+    user_cache = tmp_path / "user-cache"
+    (user_cache / "theirs").mkdir(parents=True)
+    (user_cache / "theirs" / "config.json").write_text("{}")
+    local_models(plan, MergeOptions(), str(user_cache), work)
+    assert (user_cache / "theirs" / "config.json").read_text() == "{}"
+    work.close()
