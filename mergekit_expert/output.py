@@ -161,23 +161,20 @@ def output_record(out_path: str) -> dict[str, str]:
     return {"tool": "mergekit-expert", "output": digest.hexdigest()}
 
 
-def write_output_record(staging: str, out_path: str) -> None:
-    """Mark a staged output as written by this tool for ``out_path``."""
-    folder = os.path.join(staging, ARTIFACT_DIR)
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, OUTPUT_RECORD), "w", encoding="utf-8") as handle:
-        json.dump(output_record(out_path), handle)
+def _read_json(path: str) -> object:
+    """A JSON file's value; None when it is missing, a link, unreadable or not JSON."""
+    if os.path.islink(path) or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
 
 
 def _written_here(out: str) -> bool:
     path = os.path.join(out, ARTIFACT_DIR, OUTPUT_RECORD)
-    if os.path.islink(path) or not os.path.isfile(path):
-        return False
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle) == output_record(out)
-    except (OSError, ValueError):
-        return False
+    return _read_json(path) == output_record(out)
 
 
 def why_not_replaceable(out_path: str) -> str | None:
@@ -300,13 +297,8 @@ class WorkDir:
                 shutil.rmtree(self.path, ignore_errors=True)
             raise
         marker = self.file(MARKER)
-        previous = None
-        if os.path.exists(marker):
-            try:
-                with open(marker, encoding="utf-8") as handle:
-                    previous = json.load(handle).get("fingerprint")
-            except (OSError, ValueError, AttributeError):
-                previous = None
+        saved = _read_json(marker)
+        previous = saved.get("fingerprint") if isinstance(saved, dict) else None
         try:
             self._restore_interrupted_publish()
         except BaseException:
@@ -407,7 +399,10 @@ class WorkDir:
 
     def record_output(self) -> None:
         """Mark the staged output as this tool's, written for OUT's path."""
-        write_output_record(self.staging, self.out_path)
+        folder = os.path.join(self.staging, ARTIFACT_DIR)
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, OUTPUT_RECORD), "w", encoding="utf-8") as out:
+            json.dump(output_record(self.out_path), out)
 
     def publish(self) -> None:
         """Move the staged output into place, then drop the working directory.
@@ -450,13 +445,8 @@ class WorkDir:
 
 def _our_marker(path: str) -> bool:
     """True when ``path`` is a working-directory marker this tool wrote."""
-    if os.path.islink(path) or not os.path.isfile(path):
-        return False
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle).get("tool") == "mergekit-expert"
-    except (OSError, ValueError, AttributeError):
-        return False
+    saved = _read_json(path)
+    return isinstance(saved, dict) and saved.get("tool") == "mergekit-expert"
 
 
 def _remove(path: str) -> None:

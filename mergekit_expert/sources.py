@@ -191,7 +191,7 @@ def tokenizer_inputs(config: MergeConfiguration) -> list[InputPath]:
     for reference, what in found:
         for path in (reference.model.path, reference.lora and reference.lora.path):
             if path and os.path.exists(path):
-                inputs.append(InputPath(path, f"{what} {path}"))
+                inputs.append(InputPath(path, what))
     return inputs
 
 
